@@ -1,0 +1,88 @@
+"""The model's settings, parsed once from ``config.pbtxt`` ``parameters`` and validated with clear messages.
+
+Booleans are spelled ``true`` or ``false`` (any case) and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keys Triton's Python backend reads itself; we accept and ignore them.
+TRITON_KEYS = frozenset({"FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH"})
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_bool(key: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"parameter '{key}' must be true or false, got {value!r}")
+    return text == "true"
+
+
+def parse_int(key: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"parameter '{key}' must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"parameter '{key}' must be >= {minimum}, got {number}")
+    return number
+
+
+def models_home() -> Path:
+    from tritonmoe.tools.tritonserver import tritonmoe_home
+
+    return tritonmoe_home() / "models"
+
+
+def resolve_checkpoint(value: str, model_dir: str | None = None) -> Path:
+    """Environment variables are expanded; a relative path is looked up beside the model's folder, then under
+    ``$TRITONMOE_HOME/models`` (where ``tritonmoe-serve`` builds its default model)."""
+    path = Path(os.path.expandvars(value)).expanduser()
+    if path.is_absolute():
+        return path
+    if model_dir and (Path(model_dir) / path).exists():
+        return Path(model_dir) / path
+    return models_home() / path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    checkpoint: Path
+    dtype: str = "auto"
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    default_max_tokens: int = 16
+    report_metrics: bool = True
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], model_dir: str | None = None) -> "EngineConfig":
+        known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics"}
+        unknown = sorted(set(params) - known - TRITON_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(sorted(known))}")
+        if not params.get("checkpoint", "").strip():
+            raise ConfigError("parameter 'checkpoint' is required: the folder of a Hugging Face checkpoint")
+        dtype = params.get("dtype", "auto").strip()
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"parameter 'dtype' must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return cls(
+            checkpoint=resolve_checkpoint(params["checkpoint"].strip(), model_dir),
+            dtype=dtype,
+            max_num_seqs=parse_int("max_num_seqs", params.get("max_num_seqs", "8"), 1),
+            max_model_len=(parse_int("max_model_len", params["max_model_len"], 2)
+                           if params.get("max_model_len", "").strip() else None),
+            default_max_tokens=parse_int("default_max_tokens", params.get("default_max_tokens", "16"), 1),
+            report_metrics=parse_bool("report_metrics", params.get("report_metrics", "true")),
+        )
+
+
+def parameters_from_model_config(model_config: dict) -> dict[str, str]:
+    """``{"k": {"string_value": "v"}}`` as Triton hands it over -> ``{"k": "v"}``."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}

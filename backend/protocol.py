@@ -1,0 +1,88 @@
+"""The model's request/response contract, compatible with Triton's vLLM backend.
+
+Inputs ``text_input``, optional ``stream``, ``sampling_parameters`` (JSON) and ``exclude_input_in_output``;
+outputs ``text_output`` plus ``num_input_tokens``, ``num_output_tokens`` and ``finish_reason``. This makes
+``/v2/models/<m>/generate``, ``generate_stream``, gRPC streaming and ``genai-perf --backend vllm`` work unchanged.
+Sampling keys may also come as request parameters (``{"text_input": "...", "parameters": {"max_tokens": 8}}``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .sampling import SAMPLING_KEYS, RequestError, SamplingParams, parse_sampling
+
+INPUTS = [
+    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+]
+OUTPUTS = [
+    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "num_input_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+    {"name": "num_output_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [1]},
+]
+# Request parameters Triton itself owns (extension_parameters.md): never ours to reject.
+_TRITON_PARAMETERS = {"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers"}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    prepend_prompt: bool
+
+
+def _json_object(raw: bytes | str, what: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"'{what}' is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"'{what}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_request(*, text_input: bytes | None, stream: bool | None, sampling_parameters: bytes | None,
+                  exclude_input_in_output: bool | None, request_parameters: str | None, tokenizer,
+                  max_model_len: int, default_max_tokens: int = 16) -> ParsedRequest:
+    if text_input is None:
+        raise RequestError("input 'text_input' is required")
+    try:
+        prompt = text_input.decode("utf-8") if isinstance(text_input, bytes) else str(text_input)
+    except UnicodeDecodeError as e:
+        raise RequestError(f"'text_input' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not prompt:
+        raise RequestError("'text_input' is empty")
+
+    sampling = _json_object(sampling_parameters, "sampling_parameters") if sampling_parameters else {}
+    extra = _json_object(request_parameters, "parameters") if request_parameters else {}
+    extra = {k: v for k, v in extra.items() if k not in _TRITON_PARAMETERS and not k.startswith("triton_")}
+    unknown = sorted(set(extra) - SAMPLING_KEYS)
+    if unknown:
+        raise RequestError(f"unknown request parameter(s) {', '.join(map(repr, unknown))}; "
+                           f"sampling keys are: {', '.join(sorted(SAMPLING_KEYS))}")
+    twice = sorted(set(extra) & set(sampling))
+    if twice:
+        raise RequestError(f"sampling parameter(s) {', '.join(map(repr, twice))} given both in "
+                           "'sampling_parameters' and as request parameters")
+    params = parse_sampling({**sampling, **extra}, max_model_len=max_model_len,
+                            default_max_tokens=default_max_tokens)
+
+    stream = bool(stream)
+    # vLLM's convention: the prompt is prepended unless excluded; streaming excludes it by default.
+    prepend = not exclude_input_in_output if exclude_input_in_output is not None else not stream
+    if prepend and stream:
+        raise RequestError("streaming with 'exclude_input_in_output' = false is not supported")
+
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise RequestError("'text_input' encodes to no tokens")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_model_len}")
+    return ParsedRequest(prompt=prompt, prompt_ids=prompt_ids, params=params, stream=stream, prepend_prompt=prepend)
