@@ -167,7 +167,7 @@ def model_fingerprint(src: HFSource, checksums: dict[str, str]) -> str:
     """Identity of a model: every tensor's name, dtype, shape and checksum, and every side file's contents."""
     tensors = sorted([t.name, t.dtype, t.shape, checksums[t.name]] for t in src.tensors)
     side = [[str(p), xxhash.xxh3_64_hexdigest((src.folder / p).read_bytes())] for p in src.side_files]
-    return xxhash.xxh3_64_hexdigest(json.dumps([tensors, side]))
+    return xxhash.xxh3_64_hexdigest(json.dumps([tensors, side]).encode())
 
 
 def _write_checkpoint(src: HFSource, out: Path, partition_bytes: int, progress: bool) -> CheckpointIndex:
@@ -178,22 +178,22 @@ def _write_checkpoint(src: HFSource, out: Path, partition_bytes: int, progress: 
     bar = tqdm(total=src.total_bytes, unit="B", unit_scale=True, desc=f"converting {src.folder.name}",
                disable=not progress)
     with bar, _SourceFiles(src) as files:
-        writer = None
+        writer, current = None, -1
         try:
-            for unit in units:
-                for name in unit:
-                    place = placements[name]
-                    if writer is None or place.partition != int(writer.path.stem.split("-")[1]):
-                        if writer is not None:
-                            writer.finish(sizes[place.partition - 1])
-                        writer = PartitionWriter(out / partition_file_name(place.partition))
-                    writer.pad_to(place.offset)
-                    hasher = xxhash.xxh3_64()
-                    for chunk in _source_chunks(by_name[name], files.fd(by_name[name])):
-                        hasher.update(chunk)
-                        writer.write(chunk)
-                        bar.update(len(chunk))
-                    checksums[name] = hasher.hexdigest()
+            for name in (n for unit in units for n in unit):
+                place = placements[name]
+                if place.partition != current:
+                    if writer is not None:
+                        writer.finish(sizes[current])
+                    current = place.partition
+                    writer = PartitionWriter(out / partition_file_name(current))
+                writer.pad_to(place.offset)
+                hasher = xxhash.xxh3_64()
+                for chunk in _source_chunks(by_name[name], files.fd(by_name[name])):
+                    hasher.update(chunk)
+                    writer.write(chunk)
+                    bar.update(len(chunk))
+                checksums[name] = hasher.hexdigest()
             if writer is not None:
                 writer.finish(sizes[-1])
                 writer = None

@@ -140,7 +140,7 @@ class CheckpointIndex:
             "tensors": {name: asdict(entry) for name, entry in self.tensors.items()},
             "experts": [asdict(entry) for entry in self.experts],
         }
-        return json.dumps(doc, indent=1)
+        return json.dumps(doc, separators=(",", ":"))  # compact: large models have ~10^5 tensors
 
     @classmethod
     def from_json(cls, text: str, where: str = INDEX_FILE) -> "CheckpointIndex":
