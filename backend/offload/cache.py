@@ -1,0 +1,121 @@
+"""The device expert cache: a fixed number of preallocated slots, each holding one expert of any MoE layer.
+
+All slots live in one uint8 pool ``[num_slots, slot_bytes]`` on the compute device; the layer computation reads
+typed views of it (``views``). Which expert sits where, and which one leaves when a slot is needed, is decided
+here; moving the bytes is the copy engine's job.
+
+Slots that the current layer computation is about to read are *protected*: neither a demand fetch for another
+expert of the same layer nor a prefetch may take them until ``release``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .copy_engine import CopyEngine
+from .eviction import EvictionPolicy, Key
+from .host_store import HostExpertStore
+from .stats import OffloadStats
+
+
+class ExpertCache:
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, eviction: EvictionPolicy,
+                 engine: CopyEngine, stats: OffloadStats):
+        if num_slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        self.store = store
+        self.num_slots = num_slots
+        self.pool = torch.empty((num_slots, store.layout.slot_bytes), dtype=torch.uint8, device=device)
+        self.views = store.layout.views(self.pool)  # name -> [num_slots, *shape]
+        self.eviction = eviction
+        self.stats = stats
+        self.engine = engine
+        self._slot_of: dict[Key, int] = {}
+        self._recency: OrderedDict[Key, None] = OrderedDict()  # resident keys, least recently used first
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first: views stay short
+        self._protected: set[int] = set()
+        self._unused_prefetches: set[Key] = set()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._slot_of
+
+    def resident(self) -> list[Key]:
+        """Resident keys, least recently used first."""
+        return list(self._recency)
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding ``experts`` of ``layer`` (at most ``num_slots`` of them), fetching the missing ones on
+        demand. The slots stay protected until :meth:`release`."""
+        if len(experts) > self.num_slots:
+            raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.num_slots} slots")
+        keys = [(layer, e) for e in experts]
+        self._protected = {self._slot_of[k] for k in keys if k in self._slot_of}
+        slots = []
+        for key in keys:
+            slot = self._slot_of.get(key)
+            self.stats.uses[layer] += 1
+            if slot is None:
+                self.stats.misses[layer] += 1
+                slot = self._claim_slot()
+                self._load(key, slot, urgent=True)
+            else:
+                self.stats.hits[layer] += 1
+                if key in self._unused_prefetches:
+                    self._unused_prefetches.discard(key)
+                    self.stats.prefetches_used[layer] += 1
+            self._protected.add(slot)
+            self._recency.move_to_end(key)
+            self.eviction.on_use(key)
+            slots.append(slot)
+        return slots
+
+    def release(self) -> None:
+        self._protected = set()
+
+    def prefetch(self, key: Key) -> bool:
+        """Start loading ``key`` if a slot can be had for it; False when the eviction policy ranks every
+        evictable expert above it (or all are protected)."""
+        if key in self._slot_of:
+            return True
+        slot = self._claim_slot(incoming=key)
+        if slot is None:
+            return False
+        self._load(key, slot, urgent=False)
+        self._unused_prefetches.add(key)
+        self.stats.prefetches[key[0]] += 1
+        return True
+
+    def _claim_slot(self, incoming: Key | None = None) -> int | None:
+        """A free slot, or the slot of an evicted expert. ``incoming`` set: a prefetch, which may be refused."""
+        if self._free:
+            return self._free.pop()
+        candidates = [k for k in self._recency if self._slot_of[k] not in self._protected]
+        if not candidates:
+            if incoming is not None:
+                return None
+            raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
+        victim = self.eviction.victim(candidates)
+        if incoming is not None and not self.eviction.admits(incoming, victim):
+            return None
+        return self._evict(victim)
+
+    def _evict(self, key: Key) -> int:
+        if key in self._unused_prefetches:
+            self._unused_prefetches.discard(key)
+            self.stats.prefetches_wasted[key[0]] += 1
+        del self._recency[key]
+        return self._slot_of.pop(key)
+
+    def _load(self, key: Key, slot: int, urgent: bool) -> None:
+        layer, expert = key
+        src = self.store.buffer(layer, expert)
+        self.engine.load(slot, self.pool[slot], src, urgent=urgent, layer=layer)
+        nbytes = src.numel()
+        if urgent:
+            self.stats.demand_bytes[layer] += nbytes
+        else:
+            self.stats.prefetch_bytes[layer] += nbytes
+        self._slot_of[key] = slot
+        self._recency[key] = None  # a new arrival counts as most recently used

@@ -1,0 +1,134 @@
+"""Offloading settings, and their parsing from a Triton ``config.pbtxt`` ``parameters`` map.
+
+Every key of this module starts with ``expert_`` or ``eamc_``; :meth:`OffloadConfig.from_parameters` reads only those
+(the model's other parameters belong to the engine) and rejects unknown ones, so a misspelt key fails loudly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+EVICTION_POLICIES = ("lru", "lfu", "activation")
+PREFETCH_POLICIES = ("none", "activation", "lookahead")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """How much device memory the expert cache may take: a byte count, or a fraction of all routed experts."""
+
+    nbytes: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int) -> "ExpertBudget":
+        """``"25%"`` (of all routed experts), ``"64MiB"``, ``"1.5GB"``, ``"1048576"`` or an int (bytes)."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            if text <= 0:
+                raise ValueError(f"budget must be positive, got {text}")
+            return cls(nbytes=text)
+        s = str(text).strip().lower().replace(" ", "")
+        if s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                raise ValueError(f"bad percentage {text!r}") from None
+            if not 0 < pct <= 100:
+                raise ValueError(f"percentage must be in (0, 100], got {text!r}")
+            return cls(fraction=pct / 100)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", s)
+        if not m or m.group(2) not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+            raise ValueError(f"bad budget {text!r}: give a percentage ('25%') or a size ('64MiB', '2GB', bytes)")
+        nbytes = int(float(m.group(1)) * _UNITS[m.group(2)])
+        if nbytes <= 0:
+            raise ValueError(f"budget must be positive, got {text!r}")
+        return cls(nbytes=nbytes)
+
+    def slots(self, slot_bytes: int, total_experts: int) -> int:
+        """Cache slots this budget buys: at least one, at most one per routed expert (more would never be used)."""
+        n = int(self.fraction * total_experts) if self.fraction is not None else self.nbytes // slot_bytes
+        if n < 1:
+            what = f"{self.fraction:.4%} of {total_experts} experts" if self.fraction is not None else f"{self.nbytes} B"
+            raise ValueError(f"expert cache budget ({what}) holds no expert; one expert slot takes {slot_bytes} B")
+        return min(n, total_experts)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Knobs of expert offloading. Field name -> Triton parameter key in ``PARAMETER_KEYS``."""
+
+    cache_budget: str = "25%"
+    eviction: str = "activation"
+    prefetch: str = "activation"
+    eamc_capacity: int = 120
+    eamc_path: str | None = None
+    eamc_top_matches: int = 4
+    pin_host_memory: bool = True
+
+    def __post_init__(self):
+        ExpertBudget.parse(self.cache_budget)
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+        if self.prefetch not in PREFETCH_POLICIES:
+            raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}, got {self.prefetch!r}")
+        if self.eamc_capacity < 1:
+            raise ValueError(f"eamc_capacity must be at least 1, got {self.eamc_capacity}")
+        if self.eamc_top_matches < 1:
+            raise ValueError(f"eamc_top_matches must be at least 1, got {self.eamc_top_matches}")
+
+    @property
+    def budget(self) -> ExpertBudget:
+        return ExpertBudget.parse(self.cache_budget)
+
+    @property
+    def uses_activation_prediction(self) -> bool:
+        """Whether any policy needs the EAM tracer and the EAMC matcher."""
+        return self.eviction == "activation" or self.prefetch == "activation"
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "OffloadConfig":
+        """Build from Triton model parameters (string values). Keys of other components are ignored."""
+        by_key = {key: name for name, key in PARAMETER_KEYS.items()}
+        kwargs = {}
+        for key, raw in params.items():
+            if not key.startswith(("expert_", "eamc_")):
+                continue
+            if key not in by_key:
+                raise ValueError(f"unknown offloading parameter {key!r}; known: {', '.join(sorted(by_key))}")
+            name = by_key[key]
+            try:
+                kwargs[name] = _convert(name, str(raw).strip())
+                cls(**{name: kwargs[name]})  # validate this key alone, so the error can name it
+            except ValueError as e:
+                raise ValueError(f"parameter {key!r}: {e}") from None
+        return cls(**kwargs)
+
+
+PARAMETER_KEYS = {
+    "cache_budget": "expert_cache_budget",
+    "eviction": "expert_eviction",
+    "prefetch": "expert_prefetch",
+    "eamc_capacity": "eamc_capacity",
+    "eamc_path": "eamc_path",
+    "eamc_top_matches": "eamc_top_matches",
+    "pin_host_memory": "expert_pin_host_memory",
+}
+assert set(PARAMETER_KEYS) == {f.name for f in fields(OffloadConfig)}
+
+
+def _convert(name: str, raw: str):
+    if name in ("eamc_capacity", "eamc_top_matches"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if name == "pin_host_memory":
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f'expected "true" or "false", got {raw!r}')
+        return raw.lower() == "true"
+    if name == "eamc_path":
+        return raw or None
+    return raw if name == "cache_budget" else raw.lower()

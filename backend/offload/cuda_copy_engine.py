@@ -1,0 +1,130 @@
+"""Host-to-device expert copies on dedicated CUDA streams, through cuda-python; nothing here blocks the CPU.
+
+- Two copy streams: on-demand fetches go to a high-priority stream and are issued at once; prefetches go to a
+  low-priority stream, and the caller keeps only a small window of them issued (``prefetches_in_flight``), so a
+  demand fetch waits behind at most that window, never behind the whole prefetch queue.
+- One ``ready`` event per cache slot, recorded after the slot's copy: the compute stream waits on it only when a
+  layer is about to read that slot, and only if the copy has not finished yet. No stream or device synchronize.
+- One ``released`` event per slot, recorded on the compute stream once the kernels that read the slot have been
+  issued: a later copy into the slot waits on it, so it cannot overwrite weights still in use.
+- Stall time is measured on the GPU by a pair of timing events around each wait, read back later without
+  blocking (``collect``).
+
+Imported only when the cache lives on a CUDA device.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from cuda.bindings import runtime as cudart
+
+from .stats import OffloadStats
+
+_SUCCESS = cudart.cudaError_t.cudaSuccess
+_NOT_READY = cudart.cudaError_t.cudaErrorNotReady
+
+
+def _check(result):
+    """cuda-python returns ``(err, *values)``: raise on error, return the value(s)."""
+    err, values = result[0], result[1:]
+    if err != _SUCCESS:
+        _, name = cudart.cudaGetErrorName(err)
+        raise RuntimeError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else values
+
+
+def _done(event) -> bool:
+    (err,) = cudart.cudaEventQuery(event)
+    if err == _NOT_READY:
+        return False
+    _check((err,))
+    return True
+
+
+class CudaCopyEngine:
+    def __init__(self, device: torch.device, num_slots: int, stats: OffloadStats):
+        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self._stats = stats
+        with torch.cuda.device(self._device_index):  # streams and events belong to the current device
+            _check(cudart.cudaSetDevice(self._device_index))
+            lowest, highest = _check(cudart.cudaDeviceGetStreamPriorityRange())
+            self._demand_stream = _check(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, highest))
+            self._prefetch_stream = _check(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, lowest))
+            no_timing = cudart.cudaEventDisableTiming
+            self._ready = [_check(cudart.cudaEventCreateWithFlags(no_timing)) for _ in range(num_slots)]
+            self._released = [_check(cudart.cudaEventCreateWithFlags(no_timing)) for _ in range(num_slots)]
+        self._loading: set[int] = set()  # slots whose latest copy may still be running
+        self._prefetching: set[int] = set()  # those of them that are prefetches
+        self._free_timers: list[tuple] = []
+        self._pending_timers: deque[tuple[int, object, object]] = deque()  # (layer, start, end)
+
+    def _compute_stream(self):
+        return cudart.cudaStream_t(torch.cuda.current_stream(self._device_index).cuda_stream)
+
+    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, urgent: bool, layer: int) -> None:
+        stream = self._demand_stream if urgent else self._prefetch_stream
+        # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.
+        _check(cudart.cudaStreamWaitEvent(stream, self._released[slot], 0))
+        _check(cudart.cudaStreamWaitEvent(stream, self._ready[slot], 0))
+        _check(cudart.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(),
+                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        _check(cudart.cudaEventRecord(self._ready[slot], stream))
+        self._loading.add(slot)
+        if urgent:
+            self._prefetching.discard(slot)
+        else:
+            self._prefetching.add(slot)
+
+    def prefetches_in_flight(self) -> int:
+        for slot in [s for s in self._prefetching if _done(self._ready[s])]:
+            self._prefetching.discard(slot)
+            self._loading.discard(slot)
+        return len(self._prefetching)
+
+    def wait_ready(self, slots: list[int], layer: int) -> None:
+        pending = []
+        for slot in slots:
+            if slot in self._loading:
+                if _done(self._ready[slot]):
+                    self._loading.discard(slot)
+                    self._prefetching.discard(slot)
+                else:
+                    pending.append(slot)
+        if not pending:
+            return
+        stream = self._compute_stream()
+        start, end = self._free_timers.pop() if self._free_timers else (
+            _check(cudart.cudaEventCreate()), _check(cudart.cudaEventCreate()))
+        _check(cudart.cudaEventRecord(start, stream))
+        for slot in pending:
+            _check(cudart.cudaStreamWaitEvent(stream, self._ready[slot], 0))
+        _check(cudart.cudaEventRecord(end, stream))
+        self._pending_timers.append((layer, start, end))
+        self.collect()
+
+    def release(self, slots: list[int]) -> None:
+        stream = self._compute_stream()
+        for slot in slots:
+            _check(cudart.cudaEventRecord(self._released[slot], stream))
+
+    def collect(self) -> None:
+        """Add the stalls the GPU has finished timing to the stats; never waits."""
+        while self._pending_timers and _done(self._pending_timers[0][2]):
+            layer, start, end = self._pending_timers.popleft()
+            self._stats.stall_s[layer] += _check(cudart.cudaEventElapsedTime(start, end)) / 1000.0
+            self._free_timers.append((start, end))
+
+    def close(self) -> None:
+        """Finish the copies in flight, then free the streams and events (only here may the CPU wait)."""
+        for stream in (self._demand_stream, self._prefetch_stream):
+            _check(cudart.cudaStreamSynchronize(stream))
+        torch.cuda.current_stream(self._device_index).synchronize()
+        self.collect()
+        events = self._ready + self._released + [e for pair in self._free_timers for e in pair]
+        for event in events:
+            _check(cudart.cudaEventDestroy(event))
+        for stream in (self._demand_stream, self._prefetch_stream):
+            _check(cudart.cudaStreamDestroy(stream))
+        self._ready, self._released, self._free_timers = [], [], []

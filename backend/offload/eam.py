@@ -1,0 +1,171 @@
+"""Expert activation matrices (MoE-Infinity, arXiv 2401.14361 §4): tracing, the collection, and matching.
+
+- EAM: ``L x E`` counts, ``M[i][j]`` = tokens of a request routed to expert ``j`` of MoE layer ``i``. Each running
+  request keeps two, prefill and decode apart (:class:`ActivationTracer`).
+- EAMC: a fixed-capacity collection of finished requests' EAMs; when full, a new one replaces the stored EAM most
+  similar to it by cosine, which keeps both recency and diversity (:class:`EAMCollection`).
+- Prediction: the running request's partial EAM (rows up to the current layer) is matched against the collection by
+  cosine; the best matches are summed cell by cell and each row normalised into probabilities
+  (:class:`ActivationPredictor`). Prefetching weights future layer ``i`` by ``1 - (i - l)/L``; eviction uses the same
+  prediction (see ``eviction.ActivationAwareEviction``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("prefill", "decode")
+
+
+class ActivationTracer:
+    """The running requests' EAMs, updated by every MoE layer of every forward."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.shape = (num_layers, num_experts)
+        self._eams: dict[str, np.ndarray] = {}  # seq_id -> [2 (phase), L, E] counts
+        self._rows: list[np.ndarray] = []  # this forward's EAM per row group, for the phase being run
+
+    def begin_forward(self, seq_ids: list[str], phase: str) -> list[np.ndarray]:
+        """Start a forward whose row groups belong to ``seq_ids``; returns their live ``[L, E]`` EAMs."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        p = PHASES.index(phase)
+        self._rows = [self._eams.setdefault(s, np.zeros((2, *self.shape), dtype=np.int64))[p] for s in seq_ids]
+        return self._rows
+
+    def record(self, layer: int, counts: np.ndarray) -> None:
+        """Add ``counts`` (``[len(seq_ids), E]``, tokens per expert of each sequence) to row ``layer``."""
+        for eam, c in zip(self._rows, counts):
+            eam[layer] += c
+
+    def finish(self, seq_id: str) -> np.ndarray | None:
+        """Forget ``seq_id``; returns its ``[2, L, E]`` EAM (None if it never ran)."""
+        return self._eams.pop(seq_id, None)
+
+    def eam(self, seq_id: str) -> np.ndarray | None:
+        return self._eams.get(seq_id)
+
+
+class EAMCollection:
+    """At most ``capacity`` request EAMs ``[2, L, E]`` (float32, raw counts)."""
+
+    def __init__(self, capacity: int, num_layers: int, num_experts: int):
+        if capacity < 1:
+            raise ValueError("EAMC capacity must be at least 1")
+        self.capacity = capacity
+        self.shape = (2, num_layers, num_experts)
+        self.eams = np.zeros((0, *self.shape), dtype=np.float32)
+        self.version = 0  # bumped on every change; the predictor snapshots per forward
+
+    def __len__(self) -> int:
+        return len(self.eams)
+
+    def add(self, eam: np.ndarray) -> None:
+        """Insert a finished request's EAM; when full, replace the most similar stored one. Empty EAMs carry no
+        information and are skipped."""
+        eam = np.asarray(eam, dtype=np.float32)
+        if eam.shape != self.shape:
+            raise ValueError(f"EAM of shape {eam.shape} does not fit a collection of {self.shape}")
+        if not eam.any():
+            return
+        if len(self.eams) < self.capacity:
+            self.eams = np.concatenate([self.eams, eam[None]])
+        else:
+            eams = self.eams.copy()  # copy-on-write: a running forward keeps its snapshot intact
+            eams[int(np.argmax(cosine(eams.reshape(len(eams), -1), eam.reshape(-1))))] = eam
+            self.eams = eams
+        self.version += 1
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, self.eams)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, capacity: int, num_layers: int, num_experts: int) -> "EAMCollection":
+        """A collection filled from ``path``; empty when the file does not exist. Entries beyond ``capacity`` go
+        through the same replacement rule as live insertions."""
+        coll = cls(capacity, num_layers, num_experts)
+        path = Path(path)
+        if not path.exists():
+            return coll
+        eams = np.load(path, allow_pickle=False)
+        if eams.ndim != 4 or eams.shape[1:] != coll.shape:
+            raise ValueError(f"{path}: EAMs of shape {eams.shape[1:]} do not fit this model's {coll.shape}")
+        for eam in eams:
+            coll.add(eam)
+        return coll
+
+
+def cosine(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``matrix`` with ``vector``; 0 where either is all zeros."""
+    den = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
+    return np.divide(matrix @ vector, den, out=np.zeros(len(matrix), dtype=np.float64), where=den > 0)
+
+
+class ActivationPredictor:
+    """Predicts, at MoE layer ``l`` of a forward, which experts the batch will use, by matching each sequence's
+    partial EAM against the EAMC.
+
+    Similarity over rows ``0..l`` is kept incrementally (dot products and squared norms grow by one row per layer),
+    so a layer costs ``O(batch x entries x E)`` plus the aggregation of the best matches."""
+
+    def __init__(self, collection: EAMCollection, top_matches: int):
+        self.collection = collection
+        self.top_matches = top_matches
+        _, num_layers, num_experts = collection.shape
+        self.num_layers = num_layers
+        self.prediction = np.zeros((num_layers, num_experts), dtype=np.float64)  # read by activation eviction
+        self.begin_forward([], "decode")
+
+    def begin_forward(self, eams: list[np.ndarray], phase: str) -> None:
+        """``eams``: the live ``[L, E]`` EAMs of this forward's sequences, in ``phase``."""
+        self._eams = eams
+        stored = self.collection.eams[:, PHASES.index(phase)]  # [n, L, E] snapshot (the collection copies on write)
+        self._stored = stored
+        self._stored_norm2 = np.cumsum((stored.astype(np.float64) ** 2).sum(axis=2), axis=1)  # [n, L] prefixes
+        self._dot = np.zeros((len(eams), len(stored)))
+        self._q_norm2 = np.zeros(len(eams))
+        self._next_row = 0
+
+    def observe(self, layer: int) -> None:
+        """Row ``layer`` of every sequence's EAM is final for this forward: refresh the prediction."""
+        for row in range(self._next_row, layer + 1) if self._eams else ():
+            q = np.stack([eam[row] for eam in self._eams]).astype(np.float64)  # [batch, E]
+            self._dot += q @ self._stored[:, row].T
+            self._q_norm2 += (q ** 2).sum(axis=1)
+        self._next_row = layer + 1
+        prediction = np.zeros_like(self.prediction)
+        if len(self._stored) and self._eams:
+            den = np.sqrt(np.outer(self._q_norm2, self._stored_norm2[:, layer]))
+            sims = np.divide(self._dot, den, out=np.zeros_like(self._dot), where=den > 0)
+            k = min(self.top_matches, sims.shape[1])
+            best = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            for seq_best, seq_sims in zip(best, sims):
+                chosen = seq_best[seq_sims[seq_best] > 0]  # an entry sharing no expert tells nothing
+                if len(chosen):
+                    prediction += _row_normalised(self._stored[chosen].sum(axis=0, dtype=np.float64))
+        self.prediction = prediction
+
+    def prefetch_order(self, layer: int) -> list[tuple[int, int]]:
+        """Experts of the layers after ``layer``, most likely first by ``p[i][e] * (1 - (i - layer)/L)``."""
+        future = self.prediction[layer + 1:]
+        if not future.size:
+            return []
+        distance = np.arange(1, len(future) + 1)[:, None]
+        weighted = future * (1.0 - distance / self.num_layers)
+        rows, experts = np.nonzero(weighted > 0)
+        order = np.argsort(-weighted[rows, experts], kind="stable")
+        return [(layer + 1 + int(rows[i]), int(experts[i])) for i in order]
+
+
+def _row_normalised(m: np.ndarray) -> np.ndarray:
+    sums = m.sum(axis=1, keepdims=True)
+    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)

@@ -1,0 +1,218 @@
+"""The offloader: what the serving engine holds, and what every MoE layer's experts call into.
+
+    model, offloader = load_offloaded_model(path, device, dtype, OffloadConfig.from_parameters(params))
+    offloader.begin_forward(["req-1"], "prefill"); model(...)          # one request's prompt
+    offloader.begin_forward(["req-1", "req-2"], "decode"); model(...)  # B requests x 1 token
+    offloader.end_sequence("req-1")                                    # its EAM joins the EAMC
+    offloader.stats(); offloader.close()
+
+Per MoE layer (``run_experts``): read the routing once to the CPU (what to fetch depends on it), add each sequence's
+counts to its EAM, refresh the prediction, let the prefetch policy replace the prefetch queue, then make the batch's
+union of experts resident -- hits first, missing ones fetched on demand ahead of any prefetch -- and compute. A
+layer needing more experts than the cache has slots runs in rounds of at most ``num_slots`` experts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .config import OffloadConfig
+from .copy_engine import make_copy_engine
+from .eam import PHASES, ActivationPredictor, ActivationTracer, EAMCollection
+from .eviction import make_eviction_policy
+from .experts_forward import (EXPERTS_IMPLEMENTATION, HANDLE_ATTR, register_experts_implementation,
+                              weighted_pair_outputs)
+from .host_store import HostExpertStore
+from .layout import ExpertLayout
+from .prefetch import ActivationPrefetch, NoPrefetch, PrefetchQueue, RouterLookaheadPrefetch
+from .stats import OffloadStats
+
+# Prefetch copies issued ahead of need: enough to keep the copy engine busy between two MoE layers (~1 ms of
+# PCIe Gen5), few enough that a demand fetch waits behind little.
+PREFETCH_WINDOW_BYTES = 64 * 2**20
+
+
+class Offloader:
+    def __init__(self, config: OffloadConfig, store: HostExpertStore, device: torch.device,
+                 routers: list[torch.nn.Module]):
+        self.config = config
+        self.device = device
+        self.store = store
+        num_layers, num_experts = store.num_layers, store.num_experts
+        self.num_slots = config.budget.slots(store.layout.slot_bytes, num_layers * num_experts)
+        self.tracer = ActivationTracer(num_layers, num_experts)
+        self.eamc = (EAMCollection.load(config.eamc_path, config.eamc_capacity, num_layers, num_experts)
+                     if config.eamc_path else EAMCollection(config.eamc_capacity, num_layers, num_experts))
+        self.predictor = (ActivationPredictor(self.eamc, config.eamc_top_matches)
+                          if config.uses_activation_prediction else None)
+        self._stats = OffloadStats(num_layers)
+        engine = make_copy_engine(device, self.num_slots, self._stats)
+        eviction = make_eviction_policy(config.eviction, self.predictor)
+        self.cache = ExpertCache(store, self.num_slots, device, eviction, engine, self._stats)
+        if config.prefetch == "activation":
+            self.prefetch_policy = ActivationPrefetch(self.predictor)
+        elif config.prefetch == "lookahead":
+            self.prefetch_policy = RouterLookaheadPrefetch(routers)
+        else:
+            self.prefetch_policy = NoPrefetch()
+        window = max(2, PREFETCH_WINDOW_BYTES // store.layout.slot_bytes)
+        self.prefetch_queue = PrefetchQueue(self.cache, window)
+        self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
+
+    # ---- the engine's interface -------------------------------------------------------------------------------
+    def begin_forward(self, seq_ids: list[str], phase: str) -> None:
+        """Before each model forward: row ``r`` of it belongs to ``seq_ids[r // (rows / len(seq_ids))]``."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if not seq_ids:
+            raise ValueError("begin_forward needs at least one sequence id")
+        self._row_groups = len(seq_ids)
+        eams = self.tracer.begin_forward(list(seq_ids), phase)
+        if self.predictor is not None:
+            self.predictor.begin_forward(eams, phase)
+
+    def end_sequence(self, seq_id: str) -> None:
+        """A request finished or was cancelled: its EAM joins the EAMC."""
+        eam = self.tracer.finish(seq_id)
+        if eam is not None:
+            self.eamc.add(eam)
+
+    def stats(self) -> dict:
+        self.cache.engine.collect()
+        out = self._stats.as_dict()
+        out.update(num_slots=self.num_slots, slot_bytes=self.store.layout.slot_bytes,
+                   cache_bytes=self.num_slots * self.store.layout.slot_bytes, host_bytes=self.store.total_bytes,
+                   eviction=self.config.eviction, prefetch=self.config.prefetch, eamc_entries=len(self.eamc))
+        return out
+
+    def save_eamc(self, path: str | os.PathLike | None = None) -> None:
+        path = path or self.config.eamc_path
+        if path is None:
+            raise ValueError("no path: pass one, or set eamc_path in the config")
+        self.eamc.save(path)
+
+    def close(self) -> None:
+        """Finish copies in flight and free copy streams; save the EAMC when ``eamc_path`` is set."""
+        self.cache.engine.close()
+        if self.config.eamc_path:
+            self.eamc.save(self.config.eamc_path)
+
+    # ---- called by every MoE layer ------------------------------------------------------------------------------
+    def run_experts(self, layer: int, module: torch.nn.Module, hidden_states: torch.Tensor,
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        routing = top_k_index.cpu().numpy()  # the one host sync per layer: what to fetch depends on it
+        counts = self._counts_per_sequence(routing)
+        self.tracer.record(layer, counts)
+        if self.predictor is not None:
+            self.predictor.observe(layer)
+        self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states))
+
+        needed = np.flatnonzero(counts.sum(axis=0)).tolist()
+        # resident experts first: they fill the first round and are never evicted by a later round's fetches
+        needed.sort(key=lambda e: (layer, e) not in self.cache)
+        out_dtype = torch.promote_types(self.cache.views[self.store.layout.names[0]].dtype, top_k_weights.dtype)
+        pair_inputs = hidden_states.to(out_dtype).repeat_interleave(top_k, dim=0)  # (token, k) pairs, stock order
+        pair_weights = top_k_weights.reshape(-1)
+        pair_experts = routing.reshape(-1)
+        if len(needed) <= self.num_slots:
+            pair_out = self._run_round(layer, module, needed, pair_experts, None, pair_inputs, pair_weights)
+        else:
+            pair_out = torch.empty_like(pair_inputs)
+            for start in range(0, len(needed), self.num_slots):
+                group = needed[start:start + self.num_slots]
+                rows = np.flatnonzero(np.isin(pair_experts, group))
+                rows_t = torch.as_tensor(rows, device=hidden_states.device)
+                pair_out[rows_t] = self._run_round(layer, module, group, pair_experts[rows], rows_t,
+                                                   pair_inputs, pair_weights)
+        self.prefetch_queue.pump()
+        # the stock reduction: sum over k per token in the promoted dtype, then cast back
+        return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _run_round(self, layer, module, experts, pair_experts, rows, pair_inputs, pair_weights) -> torch.Tensor:
+        slots = self.cache.acquire(layer, experts)
+        self.prefetch_queue.pump()  # prefetches go out behind this round's demand fetches
+        self.cache.engine.wait_ready(slots, layer)
+        slot_of = np.zeros(self.store.num_experts, dtype=np.int64)
+        slot_of[experts] = slots
+        pair_slots = torch.as_tensor(slot_of[pair_experts], device=pair_inputs.device)
+        if rows is not None:
+            pair_inputs, pair_weights = pair_inputs[rows], pair_weights[rows]
+        out = weighted_pair_outputs(module, self.cache.views, pair_inputs, pair_slots, pair_weights,
+                                    used_slots=max(slots) + 1)
+        self.cache.engine.release(slots)
+        self.cache.release()
+        return out
+
+    def _counts_per_sequence(self, routing: np.ndarray) -> np.ndarray:
+        """``[row_groups, E]``: tokens routed to each expert, per sequence of the forward."""
+        groups, experts = self._row_groups, self.store.num_experts
+        if routing.shape[0] % groups:
+            raise ValueError(f"{routing.shape[0]} rows do not split evenly over the {groups} sequences given to "
+                             "begin_forward")
+        ids = routing.reshape(groups, -1) + (np.arange(groups) * experts)[:, None]
+        return np.bincount(ids.ravel(), minlength=groups * experts).reshape(groups, experts)
+
+
+def _is_experts_module(module: torch.nn.Module) -> bool:
+    """Modules decorated by transformers' ``use_experts_implementation`` (fused 3-D expert weights)."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "num_experts")
+
+
+def attach_offloading(model: torch.nn.Module, config: OffloadConfig, device: str | torch.device | None = None,
+                      host_store: HostExpertStore | None = None) -> Offloader:
+    """Move ``model``'s routed experts to the host tier and serve them through a device expert cache.
+
+    ``device``: the compute device (default: where the input embeddings are). Non-expert weights are moved
+    there; expert parameters are replaced by empty placeholders, so the device holds no expert outside the cache.
+    ``host_store``: expert buffers supplied by a loader; when given, the model's expert parameters are not read
+    (they may be on the meta device)."""
+    register_experts_implementation()
+    named = [(name, m) for name, m in model.named_modules() if _is_experts_module(m)]
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no experts modules that transformers' ExpertsInterface runs")
+    modules = [m for _, m in named]
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    layout = ExpertLayout.of_experts_module(modules[0])
+
+    def drop_expert_params(module: torch.nn.Module) -> None:
+        for t in layout.tensors:
+            setattr(module, t.name, torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=device),
+                                                       requires_grad=False))
+
+    if host_store is None:
+        pin = config.pin_host_memory and device.type == "cuda"
+        host_store = HostExpertStore.from_experts_modules(modules, pin=pin, after_pack=drop_expert_params)
+    else:
+        if host_store.layout != layout or (host_store.num_layers, host_store.num_experts) != (
+                len(modules), modules[0].num_experts):
+            raise ValueError("the host store does not match this model's experts")
+        for m in modules:
+            drop_expert_params(m)
+    model.to(device)
+
+    routers = [getattr(model.get_submodule(name.rpartition(".")[0]), "gate", None) for name, _ in named]
+    if config.prefetch == "lookahead" and any(r is None for r in routers):
+        raise ValueError("router-lookahead prefetching needs each MoE block's router at `.gate`")
+    offloader = Offloader(config, host_store, device, routers)
+    for i, m in enumerate(modules):
+        setattr(m, HANDLE_ATTR, (offloader, i))
+    if model.config._experts_implementation != EXPERTS_IMPLEMENTATION:
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return offloader
+
+
+def load_offloaded_model(path: str | os.PathLike, device: str | torch.device, dtype: torch.dtype | str,
+                         config: OffloadConfig) -> tuple[torch.nn.Module, Offloader]:
+    """Load a Hugging Face checkpoint on the host, offload its experts, and put the rest on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    register_experts_implementation()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
+    model.eval()
+    return model, attach_offloading(model, config, device=device)
