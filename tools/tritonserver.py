@@ -107,7 +107,7 @@ class TritonServer:
     def __init__(self, model_repository: str | os.PathLike, *, models: list[str] | None = None,
                  http_port: int | None = None, grpc_port: int | None = None, metrics_port: int | None = None,
                  host: str = "127.0.0.1", log_path: str | os.PathLike | None = None, verbose: int = 0,
-                 extra_args: list[str] | None = None, env: dict | None = None):
+                 extra_args: list[str] | None = None, env: dict | None = None, exit_timeout: int = 10):
         self.model_repository = Path(model_repository).resolve()
         self.models = list(models or [])
         self.host = host
@@ -115,6 +115,7 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.verbose = verbose
+        self.exit_timeout = exit_timeout  # seconds Triton waits for open connections and requests at shutdown
         self.extra_args = list(extra_args or [])
         self.env = env
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
@@ -139,7 +140,8 @@ class TritonServer:
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-               "--allow-gpu-metrics=false", "--strict-readiness=false", f"--log-verbose={self.verbose}"]
+               "--allow-gpu-metrics=false", "--strict-readiness=false", f"--log-verbose={self.verbose}",
+               f"--exit-timeout-secs={self.exit_timeout}"]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
 
@@ -186,7 +188,7 @@ class TritonServer:
             return self.log_path.read_text(errors="replace")[-chars:]
         return ""
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 60.0) -> int | None:
         """SIGINT (Triton's graceful shutdown: unloads models, calls ``finalize``), then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode

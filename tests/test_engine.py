@@ -1,0 +1,156 @@
+"""The engine on its own (no Triton): continuous batching equals transformers, sampling, stops, cancellation."""
+
+import queue
+
+import pytest
+import torch
+
+from conftest import ARCHS, PROMPTS, _hf
+from tritonmoe.backend.engine import Engine
+from tritonmoe.backend.sampling import RequestError, parse_sampling
+
+
+def drain(q):
+    outs = []
+    while not q.empty():
+        outs.append(q.get())
+    return outs
+
+
+def run_all(engine):
+    while engine.num_running or engine._pending:
+        engine.step()
+
+
+def submit(engine, prompt, **sampling):
+    q = queue.Queue()
+    params = parse_sampling(sampling, max_model_len=engine.max_model_len)
+    seq_id = engine.submit(engine.tokenizer.encode(prompt), params, q.put)
+    return seq_id, q
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuous_batching_matches_transformers_generate(arch, tiny, reference):
+    """Requests join a running batch one step apart, more than fit at once; each equals its solo generate()."""
+    path = tiny(arch)
+    model, tok = _hf(path)
+    engine = Engine(model, tok, max_num_seqs=3)
+    streams = []
+    for prompt in PROMPTS:
+        streams.append(submit(engine, prompt, max_tokens=16)[1])
+        engine.step()
+        assert engine.num_running <= 3
+    run_all(engine)
+    for prompt, q in zip(PROMPTS, streams):
+        outs = drain(q)
+        ids, text = reference(path, prompt, 16)
+        assert "".join(o.text for o in outs) == text
+        assert outs[-1].finished and outs[-1].output_tokens == len(ids)
+        assert outs[-1].finish_reason == ("stop" if ids[-1] in engine.eos_ids else "length")
+        assert [o.finished for o in outs].count(True) == 1
+
+
+def test_second_request_joins_at_the_next_step(tiny):
+    model, tok = _hf(tiny("mixtral"))
+    engine = Engine(model, tok, max_num_seqs=4)
+    _, first = submit(engine, PROMPTS[0], max_tokens=30, ignore_eos=True)
+    engine.step()
+    engine.step()
+    _, second = submit(engine, PROMPTS[1], max_tokens=5, ignore_eos=True)
+    engine.step()
+    assert engine.num_running == 2, "the second request must join the running batch, not wait"
+    run_all(engine)
+    assert drain(second)[-1].output_tokens == 5 and drain(first)[-1].output_tokens == 30
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
+    model, tok = _hf(tiny("qwen3_moe"))
+    solo = Engine(model, tok)
+    _, q = submit(solo, PROMPTS[0], max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    run_all(solo)
+    alone = "".join(o.text for o in drain(q))
+    busy = Engine(model, tok)
+    others = [submit(busy, p, max_tokens=20, temperature=1.3) for p in PROMPTS[1:]]
+    busy.step()
+    _, q = submit(busy, PROMPTS[0], max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    run_all(busy)
+    assert "".join(o.text for o in drain(q)) == alone
+    _, q = submit(busy, PROMPTS[0], max_tokens=20, temperature=1.0, seed=8)
+    run_all(busy)
+    assert "".join(o.text for o in drain(q)) != alone, "a different seed should change a 20-token sample"
+    assert all(drain(q2)[-1].finished for _, q2 in others)
+
+
+def test_stop_string_and_min_tokens(tiny, reference):
+    path = tiny("mixtral")
+    model, tok = _hf(path)
+    _, text = reference(path, PROMPTS[0], 16)
+    stop = text[5:8]
+    engine = Engine(model, tok)
+    _, q = submit(engine, PROMPTS[0], max_tokens=16, stop=[stop])
+    run_all(engine)
+    outs = drain(q)
+    assert "".join(o.text for o in outs) == text[: text.index(stop)]
+    assert outs[-1].finish_reason == "stop"
+    _, q = submit(engine, PROMPTS[2], max_tokens=12, min_tokens=12)
+    run_all(engine)
+    assert drain(q)[-1].output_tokens == 12
+
+
+def test_cancel_frees_the_sequence_at_the_next_step(tiny):
+    model, tok = _hf(tiny("olmoe"))
+    engine = Engine(model, tok)
+    seq_id, q = submit(engine, PROMPTS[0], max_tokens=100, ignore_eos=True)
+    _, other = submit(engine, PROMPTS[1], max_tokens=10, ignore_eos=True)
+    engine.step()
+    engine.cancel(seq_id)
+    engine.step()
+    assert engine.num_running == 1
+    outs = drain(q)
+    assert outs[-1].finished and outs[-1].finish_reason == "cancelled" and outs[-1].output_tokens < 100
+    run_all(engine)
+    assert drain(other)[-1].output_tokens == 10
+
+
+def test_context_limit_and_bad_prompts(tiny):
+    model, tok = _hf(tiny("mixtral"))
+    engine = Engine(model, tok, max_model_len=24)
+    ids = tok.encode(PROMPTS[0])
+    q = queue.Queue()
+    engine.submit(ids, parse_sampling({"max_tokens": 20, "ignore_eos": True}, max_model_len=24), q.put)
+    run_all(engine)
+    last = drain(q)[-1]
+    assert last.finish_reason == "length" and last.prompt_tokens + last.output_tokens == 24
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], parse_sampling({}, max_model_len=24), q.put)
+    with pytest.raises(RequestError, match="context is 24"):
+        engine.submit([5] * 24, parse_sampling({}, max_model_len=24), q.put)
+
+
+def test_a_failing_step_errors_its_requests_and_the_engine_goes_on(tiny, monkeypatch):
+    model, tok = _hf(tiny("mixtral"))
+    engine = Engine(model, tok)
+    _, q = submit(engine, PROMPTS[0], max_tokens=10, ignore_eos=True)
+    engine.step()
+    real = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("boom")))
+    engine.step()
+    last = drain(q)[-1]
+    assert last.finished and last.finish_reason == "error" and "boom" in last.error
+    monkeypatch.setattr(engine, "_forward", real)
+    _, q = submit(engine, PROMPTS[1], max_tokens=4, ignore_eos=True)
+    run_all(engine)
+    assert drain(q)[-1].output_tokens == 4
+
+
+def test_engine_thread_and_shutdown(tiny):
+    model, tok = _hf(tiny("mixtral"))
+    engine = Engine(model, tok).start()
+    outs = list(engine.generate(PROMPTS[0], parse_sampling({"max_tokens": 6, "ignore_eos": True}, max_model_len=512)))
+    assert outs[-1].finished and outs[-1].output_tokens == 6 and outs[0].ttft is not None
+    _, q = submit(engine, PROMPTS[1], max_tokens=400, ignore_eos=True)
+    engine.shutdown()
+    last = drain(q)[-1]
+    assert last.finished and last.finish_reason in ("error", "length")
+    with pytest.raises(RuntimeError, match="shutting down"):
+        submit(engine, PROMPTS[1], max_tokens=4)

@@ -1,0 +1,47 @@
+"""A minimal client for Triton's generate extension (tritonclient 2.51 has no generate helper)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+
+class GenerateError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+def _post(url: str, body: dict, timeout: float):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            text = json.loads(text).get("error", text)
+        except json.JSONDecodeError:
+            pass
+        raise GenerateError(e.code, text) from None
+
+
+def generate(http_url: str, model: str, prompt: str, timeout: float = 300, **parameters) -> dict:
+    """One completion through ``/v2/models/<model>/generate``."""
+    body = {"text_input": prompt, "parameters": parameters}
+    with _post(f"http://{http_url}/v2/models/{model}/generate", body, timeout) as r:
+        return json.loads(r.read())
+
+
+def generate_stream(http_url: str, model: str, prompt: str, timeout: float = 300, **parameters) -> Iterator[dict]:
+    """Server-sent events of ``/v2/models/<model>/generate_stream``, one dict per response."""
+    body = {"text_input": prompt, "stream": True, "parameters": parameters}
+    with _post(f"http://{http_url}/v2/models/{model}/generate_stream", body, timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise GenerateError(200, event["error"])
+                yield event

@@ -1,0 +1,126 @@
+"""The main job: serve a MoE model through a real Triton server and stream a completion from it.
+
+With no arguments it builds the default tiny MoE (random weights, local tokenizer) on first use, starts
+``tritonserver`` over the bundled model repository on loopback, loads the model through the repository API,
+streams a completion for a sample prompt and prints it with timings. ``--serve`` keeps serving until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import tiny_models
+from .client import GenerateError, generate_stream
+from .model_config import read_config, with_overrides
+from .tritonserver import TritonError, TritonServer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPT = "def fibonacci(n):\n    "
+
+
+def ensure_default_model(arch: str) -> Path:
+    from tritonmoe.backend.config import models_home
+
+    out = models_home() / f"tiny-{arch.replace('_', '-')}"
+    return tiny_models.build(tiny_models.TinySpec(arch=arch, layers=2), out)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tritonmoe-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
+    p.add_argument("--model", default="tiny_moe", help="model folder in the repository (default: tiny_moe)")
+    p.add_argument("--checkpoint", help="HF checkpoint folder to serve instead of the model's configured one")
+    p.add_argument("--arch", default="mixtral", choices=tiny_models.ARCHITECTURES,
+                   help="architecture of the default tiny model built on first use")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="KIND_CPU or KIND_GPU instance")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--serve", action="store_true", help="keep serving after the sample completion until Ctrl-C")
+    p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    overrides = {}
+    if a.checkpoint:
+        overrides["checkpoint"] = str(Path(a.checkpoint).resolve())
+    else:
+        t = time.perf_counter()
+        path = ensure_default_model(a.arch)
+        overrides["checkpoint"] = str(path)
+        say(f"model checkpoint: {path} ({time.perf_counter() - t:.2f}s)")
+    model_dir = a.model_repository / a.model
+    if not (model_dir / "config.pbtxt").exists():
+        say(f"error: no model '{a.model}' in {a.model_repository}")
+        return 2
+    config = with_overrides(read_config(model_dir), parameters=overrides,
+                            kind="KIND_GPU" if a.device == "gpu" else "KIND_CPU")
+
+    server = TritonServer(a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
+                          metrics_port=a.metrics_port, log_path=a.log)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        t = time.perf_counter()
+        server.start()
+        say(f"tritonserver up in {time.perf_counter() - t:.1f}s  HTTP {server.http_url}  gRPC {server.grpc_url}  "
+            f"metrics {server.metrics_url}  (log: {server.log_path})")
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=600)
+        t = time.perf_counter()
+        try:
+            client.load_model(a.model, config=json.dumps(config))
+        finally:
+            client.close()  # an idle keep-alive connection would hold up the server's shutdown
+        say(f"model '{a.model}' loaded in {time.perf_counter() - t:.2f}s ({a.device})")
+
+        say(f"\nprompt: {a.prompt!r}\n")
+        start, first, count, reason = time.perf_counter(), None, 0, "?"
+        for event in generate_stream(server.http_url, a.model, a.prompt, max_tokens=a.max_tokens,
+                                     temperature=a.temperature):
+            first = first or time.perf_counter()
+            count = event["num_output_tokens"]
+            reason = event["finish_reason"] or reason
+            sys.stdout.write(event["text_output"])
+            sys.stdout.flush()
+        end = time.perf_counter()
+        decode = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
+        say(f"\n\nfinish reason: {reason}; {count} tokens; time to first token {1000 * (first - start):.1f} ms; "
+            f"{decode:.1f} tokens/s after the first; total {end - start:.2f}s")
+        if a.serve:
+            say(f"\nserving '{a.model}' until Ctrl-C: curl -X POST http://{server.http_url}/v2/models/{a.model}"
+                "/generate -d '{\"text_input\": \"def \", \"parameters\": {\"max_tokens\": 16}}'")
+            while not stop.wait(0.5):
+                if server.proc.poll() is not None:
+                    say(f"tritonserver exited with code {server.proc.returncode}")
+                    return 1
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (TritonError, GenerateError) as e:
+        say(f"error: {e}")
+        return 1
+    except Exception as e:  # tritonclient raises InferenceServerException for a failed load
+        say(f"error: {type(e).__name__}: {e}")
+        return 1
+    finally:
+        say("stopping tritonserver ...")
+        server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
