@@ -1,0 +1,76 @@
+"""The command-line tools: the main job, perf_analyzer against the served model, and the tiny-model factory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from tritonmoe.tools import perf_analyzer, tiny_models
+from tritonmoe.tools.tritonserver import free_port
+
+
+def test_tiny_model_factory_writes_hf_checkpoints_with_per_expert_keys(tmp_path):
+    out = tmp_path / "m"
+    assert tiny_models.main(["qwen3_moe", str(out), "--layers", "3", "--experts", "4", "--top-k", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["num_local_experts"]) == ("qwen3_moe", 3, 4)
+    keys = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys |= set(f.keys())
+    assert len(list(out.glob("*.safetensors"))) > 1, "the factory should shard the weights"
+    assert "model.layers.2.mlp.experts.3.down_proj.weight" in keys
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    # a different model in the same folder is refused; the same one is reused
+    assert tiny_models.main(["qwen3_moe", str(out), "--layers", "2"]) == 2
+    assert tiny_models.main(["qwen3_moe", str(out), "--layers", "3", "--experts", "4", "--top-k", "2"]) == 0
+    with pytest.raises(ValueError, match="top_k"):
+        tiny_models.TinySpec(arch="mixtral", experts=2, top_k=3)
+
+
+def _serve(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "tritonmoe.tools.serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.e2e
+def test_main_job_serves_and_streams_with_timings(tmp_path):
+    ports = [str(free_port()) for _ in range(3)]
+    r = _serve("--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-tokens", "12",
+               "--arch", "deepseek_v2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "model 'tiny_moe' loaded in" in r.stdout
+    assert "finish reason: length; 12 tokens; time to first token" in r.stdout
+    assert "tokens/s" in r.stdout and "stopping tritonserver" in r.stdout
+
+
+def test_main_job_says_clearly_when_a_port_is_taken():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve("--http-port", str(port), "--grpc-port", str(free_port()))
+    assert r.returncode == 1
+    assert f"HTTP port {port} on 127.0.0.1 is already in use" in r.stdout
+
+
+@pytest.mark.e2e
+def test_perf_analyzer_streaming_smoke_run(triton, tmp_path):
+    data = tmp_path / "input.json"
+    data.write_text(json.dumps({"data": [{"text_input": ["def add(a, b):"], "stream": [True],
+                                          "sampling_parameters": [json.dumps({"max_tokens": 8, "ignore_eos": True})]}]}))
+    report = tmp_path / "report.csv"
+    r = perf_analyzer.run(["-m", "moe_mixtral", "-i", "grpc", "--streaming", "--async", "-u", triton.grpc_url,
+                           "--input-data", str(data), "--concurrency-range", "1:2", "--measurement-interval", "1500",
+                           "--stability-percentage", "100", "-f", str(report)], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = perf_analyzer.read_csv(report)
+    assert [int(row["Concurrency"]) for row in rows] == [1, 2]
+    assert all(float(row["Inferences/Second"]) > 0 for row in rows)
