@@ -1,0 +1,188 @@
+"""End to end on CPU: greedy generation with offloaded experts equals the stock model's, for every architecture,
+cache budget, eviction and prefetch policy; and the engine interface (begin_forward / end_sequence / stats) does
+what it says."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from tritonmoe.backend.offload import EXPERTS_IMPLEMENTATION, OffloadConfig, load_offloaded_model
+from tritonmoe.tools.tiny_models import ARCHITECTURES, TinySpec, build
+
+hf_logging.disable_progress_bar()
+
+EXPERTS, TOP_K, LAYERS, NEW_TOKENS = 8, 2, 3, 5
+BUDGETS = {"one_per_layer": f"{100 / EXPERTS}%", "middle": "40%", "all_resident": "100%"}
+PROMPTS = [[5, 17, 33, 9, 100, 41, 7, 250], [301, 12, 8], [77, 78, 79, 80, 81]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offload_tiny")
+    return {arch: build(TinySpec(arch=arch, layers=LAYERS, experts=EXPERTS, top_k=TOP_K), root / arch)
+            for arch in ARCHITECTURES}
+
+
+def left_padded(prompts: list[list[int]], pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def greedy(model, ids, mask, offloader=None, seq_ids=None, finish=True):
+    """``model.generate``; with an offloader, each forward is announced as the serving engine would, and the
+    sequences end (``finish``) once generation does."""
+    hook = None
+    if offloader is not None:
+        def announce(module, args, kwargs):
+            rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+            offloader.begin_forward(seq_ids, "prefill" if rows.shape[1] > 1 else "decode")
+        hook = model.register_forward_pre_hook(announce, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+        for s in (seq_ids or []) if finish else []:
+            offloader.end_sequence(s)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints):
+    """The stock model's tokens: each prompt alone, then all of them as one left-padded batch."""
+    out = {}
+    for arch, path in checkpoints.items():
+        ref = AutoModelForCausalLM.from_pretrained(path).eval()
+        singles = [greedy(ref, *left_padded([p])) for p in PROMPTS[:2]]
+        out[arch] = (singles, greedy(ref, *left_padded(PROMPTS)))
+    return out
+
+
+EVICTIONS, PREFETCHES = ("lru", "lfu", "activation"), ("none", "activation", "lookahead")
+
+
+def _cases():
+    """Every budget x eviction x prefetch on Mixtral; on each other architecture, three of them that still cover
+    every budget, every eviction policy and every prefetch policy (a Latin square, shifted per architecture)."""
+    for arch_index, arch in enumerate(ARCHITECTURES):
+        if arch == "mixtral":
+            yield from ((arch, *c) for c in itertools.product(BUDGETS, EVICTIONS, PREFETCHES))
+            continue
+        for b, budget in enumerate(BUDGETS):
+            yield arch, budget, EVICTIONS[(b + arch_index) % 3], PREFETCHES[(b + 2 * arch_index) % 3]
+
+
+@pytest.mark.parametrize("arch,budget,eviction,prefetch", list(_cases()))
+def test_generation_matches_stock(checkpoints, expected, arch, budget, eviction, prefetch):
+    cfg = OffloadConfig(cache_budget=BUDGETS[budget], eviction=eviction, prefetch=prefetch)
+    model, offloader = load_offloaded_model(checkpoints[arch], "cpu", torch.float32, cfg)
+    singles, batch = expected[arch]
+    # one request at a time (later requests find earlier ones in the EAMC), then a batch of all of them
+    for i, (prompt, want) in enumerate(zip(PROMPTS[:2], singles)):
+        got = greedy(model, *left_padded([prompt]), offloader, [f"r{i}"])
+        assert torch.equal(got, want), f"request {i}"
+    got = greedy(model, *left_padded(PROMPTS), offloader, ["b0", "b1", "b2"])
+    assert torch.equal(got, batch)
+
+    s = offloader.stats()
+    assert s["hits"] + s["misses"] == s["uses"] > 0
+    assert s["num_slots"] == {"one_per_layer": offloader.store.num_layers, "middle": int(
+        0.4 * offloader.store.num_layers * EXPERTS), "all_resident": offloader.store.num_layers * EXPERTS}[budget]
+    assert s["eamc_entries"] == 2 + len(PROMPTS)
+    if prefetch == "none":
+        assert s["prefetches"] == 0
+    if budget == "all_resident":
+        # nothing is ever evicted, so each expert is fetched at most once, on demand or ahead of need
+        assert s["misses"] + s["prefetches"] <= offloader.store.num_layers * EXPERTS
+        assert s["prefetches_wasted"] == 0
+
+
+def test_expert_weights_leave_the_model(checkpoints):
+    model, offloader = load_offloaded_model(checkpoints["qwen2_moe"], "cpu", torch.float32,
+                                            OffloadConfig(cache_budget="25%"))
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2_moe"])
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    assert len(experts) == LAYERS
+    assert all(p.numel() == 0 for m in experts for p in m.parameters(recurse=False))
+    # the shared expert stays a resident part of the model, untouched
+    shared = dict(model.named_parameters())["model.layers.0.mlp.shared_expert.gate_proj.weight"]
+    assert torch.equal(shared, dict(ref.named_parameters())["model.layers.0.mlp.shared_expert.gate_proj.weight"])
+    # the host tier holds the exact bytes of every expert
+    store = offloader.store
+    ref_experts = [m for name, m in ref.named_modules() if name.endswith("mlp.experts")]
+    for layer, expert in [(0, 0), (1, 5), (LAYERS - 1, EXPERTS - 1)]:
+        views = store.layout.views(store.buffer(layer, expert))
+        assert torch.equal(views["gate_up_proj"], ref_experts[layer].gate_up_proj[expert])
+        assert torch.equal(views["down_proj"], ref_experts[layer].down_proj[expert])
+    assert offloader.cache.pool.numel() == offloader.num_slots * store.layout.slot_bytes
+
+
+def test_deepseek_dense_first_layer_is_not_offloaded(checkpoints):
+    _, offloader = load_offloaded_model(checkpoints["deepseek_v3"], "cpu", torch.float32, OffloadConfig())
+    assert offloader.store.num_layers == LAYERS - 1  # first_k_dense_replace=1
+
+
+def test_traces_are_per_request_and_phase(checkpoints):
+    model, offloader = load_offloaded_model(checkpoints["mixtral"], "cpu", torch.float32,
+                                            OffloadConfig(cache_budget="100%", prefetch="none", eviction="lru"))
+    ids, mask = left_padded(PROMPTS[:2])
+    greedy(model, ids, mask, offloader, ["x", "y"], finish=False)
+    width = ids.shape[1]
+    for seq in ("x", "y"):
+        prefill, decode = offloader.tracer.eam(seq)
+        assert (prefill.sum(axis=1) == width * TOP_K).all()  # every prompt row (padding included), every layer
+        assert (decode.sum(axis=1) == (NEW_TOKENS - 1) * TOP_K).all()  # the last token is never fed back
+    assert not (offloader.tracer.eam("x") == offloader.tracer.eam("y")).all()
+    assert len(offloader.eamc) == 0
+    offloader.end_sequence("x")
+    offloader.end_sequence("y")
+    offloader.end_sequence("never-ran")  # a cancelled request that never ran: nothing to add
+    assert len(offloader.eamc) == 2
+
+
+def test_activation_prefetch_uses_the_collection(checkpoints):
+    """With the EAMC holding this very request, the prediction is right: prefetches get used."""
+    cfg = OffloadConfig(cache_budget="50%", eviction="activation", prefetch="activation")
+    model, offloader = load_offloaded_model(checkpoints["olmoe"], "cpu", torch.float32, cfg)
+    ids, mask = left_padded([PROMPTS[0]])
+    greedy(model, ids, mask, offloader, ["first"])
+    assert offloader.stats()["prefetches"] == 0  # the collection was empty: nothing to predict from
+    for i in range(3):
+        greedy(model, ids, mask, offloader, [f"again{i}"])
+    s = offloader.stats()
+    assert s["prefetches"] > 0 and s["prefetches_used"] > 0
+    assert s["prefetch_precision"] > 0.5
+
+
+def test_rows_must_split_over_sequences(checkpoints):
+    model, offloader = load_offloaded_model(checkpoints["mixtral"], "cpu", torch.float32, OffloadConfig())
+    offloader.begin_forward(["a", "b"], "prefill")
+    with pytest.raises(ValueError, match="split evenly"):
+        model(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="phase"):
+        offloader.begin_forward(["a"], "training")
+
+
+def test_forward_without_attach_is_a_clear_error(checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["mixtral"], experts_implementation=EXPERTS_IMPLEMENTATION)
+    with pytest.raises(RuntimeError, match="attach_offloading"):
+        model(torch.tensor([[5, 6, 7]]))
+
+
+def test_eamc_persists_across_restarts(checkpoints, tmp_path):
+    path = tmp_path / "eamc.npy"
+    cfg = OffloadConfig(eamc_path=str(path), eamc_capacity=4)
+    model, offloader = load_offloaded_model(checkpoints["qwen3_moe"], "cpu", torch.float32, cfg)
+    greedy(model, *left_padded([PROMPTS[1]]), offloader, ["one"])
+    offloader.close()
+    _, again = load_offloaded_model(checkpoints["qwen3_moe"], "cpu", torch.float32, cfg)
+    assert len(again.eamc) == 1
+    assert (again.eamc.eams == offloader.eamc.eams).all()
