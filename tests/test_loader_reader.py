@@ -28,7 +28,7 @@ TINY = {  # architecture -> dtype: several architectures, several dtypes
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_pairs(tmp_path_factory):
     """arch -> (HF folder, converted folder)."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
@@ -93,8 +93,8 @@ def every_dtype(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", TINY)
-def test_round_trip_is_bit_exact_for_each_architecture(tiny, arch):
-    hf, converted = tiny[arch]
+def test_round_trip_is_bit_exact_for_each_architecture(tiny_pairs, arch):
+    hf, converted = tiny_pairs[arch]
     expected = source_tensors(hf)
     assert {t.dtype for t in expected.values()} == {getattr(torch, TINY[arch])}
     assert_exact(expected, load_state_dict(converted))
@@ -118,8 +118,8 @@ def test_small_partitions_and_chunks_still_round_trip(every_dtype, tmp_path):
 
 
 @pytest.mark.parametrize("arch", TINY)
-def test_each_expert_is_one_aligned_contiguous_range(tiny, arch):
-    hf, converted = tiny[arch]
+def test_each_expert_is_one_aligned_contiguous_range(tiny_pairs, arch):
+    hf, converted = tiny_pairs[arch]
     index = read_index(converted)
     spec_layers_with_experts = 1 if arch.startswith("deepseek") else 2  # deepseek's first layer is dense
     assert len(index.experts) == spec_layers_with_experts * 4
@@ -136,8 +136,8 @@ def test_each_expert_is_one_aligned_contiguous_range(tiny, arch):
                if ".experts." not in n and t.partition == 0), "non-expert tensors come first"
 
 
-def test_read_expert_moves_an_expert_with_one_range(tiny):
-    hf, converted = tiny["mixtral"]
+def test_read_expert_moves_an_expert_with_one_range(tiny_pairs):
+    hf, converted = tiny_pairs["mixtral"]
     expected = source_tensors(hf)
     with CheckpointReader(converted) as reader:
         tensors = reader.read_expert(1, 2)
@@ -150,8 +150,8 @@ def test_read_expert_moves_an_expert_with_one_range(tiny):
     assert dest[3:] == raw
 
 
-def test_direct_io_is_used_where_the_filesystem_allows_it(tiny):
-    _, converted = tiny["mixtral"]
+def test_direct_io_is_used_where_the_filesystem_allows_it(tiny_pairs):
+    _, converted = tiny_pairs["mixtral"]
     probe = converted / "probe"
     probe.write_bytes(bytes(ALIGNMENT))
     try:
@@ -171,8 +171,8 @@ def _opens_with_o_direct(flags: int) -> bool:
     return bool(flags & os.O_DIRECT)
 
 
-def test_filesystem_refusing_direct_io_falls_back_to_buffered_and_says_so(tiny, caplog, monkeypatch):
-    hf, converted = tiny["mixtral"]
+def test_filesystem_refusing_direct_io_falls_back_to_buffered_and_says_so(tiny_pairs, caplog, monkeypatch):
+    hf, converted = tiny_pairs["mixtral"]
     real_open = os.open
 
     def open_like_an_old_tmpfs(path, flags, *args):
@@ -189,8 +189,8 @@ def test_filesystem_refusing_direct_io_falls_back_to_buffered_and_says_so(tiny, 
     assert_exact(source_tensors(hf), got)
 
 
-def test_direct_reads_failing_at_read_time_fall_back_to_buffered(tiny, caplog, monkeypatch):
-    hf, converted = tiny["mixtral"]
+def test_direct_reads_failing_at_read_time_fall_back_to_buffered(tiny_pairs, caplog, monkeypatch):
+    hf, converted = tiny_pairs["mixtral"]
     with CheckpointReader(converted) as reader:
         if not reader.uses_direct_io:
             pytest.skip("this filesystem has no O_DIRECT to fail")
@@ -210,9 +210,9 @@ def test_direct_reads_failing_at_read_time_fall_back_to_buffered(tiny, caplog, m
 
 
 @pytest.fixture
-def scratch_copy(tiny, tmp_path):
+def scratch_copy(tiny_pairs, tmp_path):
     """A converted mixtral checkpoint this test may damage."""
-    _, converted = tiny["mixtral"]
+    _, converted = tiny_pairs["mixtral"]
     return Path(shutil.copytree(converted, tmp_path / "ckpt"))
 
 
@@ -292,10 +292,10 @@ def test_folder_without_index_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("arch", TINY)
-def test_load_hf_model_generates_exactly_like_from_pretrained(tiny, arch):
+def test_load_hf_model_generates_exactly_like_from_pretrained(tiny_pairs, arch):
     from transformers import AutoModelForCausalLM
 
-    hf, converted = tiny[arch]
+    hf, converted = tiny_pairs[arch]
     reference = AutoModelForCausalLM.from_pretrained(hf)
     ours = load_hf_model(converted)
     assert type(ours) is type(reference) and ours.dtype == reference.dtype == getattr(torch, TINY[arch])
@@ -316,3 +316,19 @@ def test_load_hf_model_refuses_a_checkpoint_missing_weights(scratch_copy):
     path.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         load_hf_model(scratch_copy)
+
+
+def test_load_state_dict_into_caller_buffers_makes_views_of_them(tiny_pairs):
+    hf, converted = tiny_pairs["qwen3_moe"]
+    index = read_index(converted)
+    buffers = [torch.zeros(n, dtype=torch.uint8) for n in index.partitions]  # e.g. a shared-memory pool
+    with CheckpointReader(converted) as reader:
+        got = reader.load_state_dict(buffers=buffers)
+        with pytest.raises(ValueError, match="partition sizes"):
+            reader.load_state_dict(buffers=[torch.zeros(1, dtype=torch.uint8)])
+        with pytest.raises(ValueError, match="outside partition"):
+            reader.read_range_into(0, index.partitions[0] - ALIGNMENT, memoryview(bytearray(2 * ALIGNMENT)))
+    assert_exact(source_tensors(hf), got)
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    entry = index.tensors[name]
+    assert got[name].data_ptr() == buffers[entry.partition].data_ptr() + entry.offset

@@ -49,7 +49,8 @@ class ExpertBudget:
 
     def slots(self, slot_bytes: int, total_experts: int) -> int:
         """Cache slots this budget buys: at least one, at most one per routed expert (more would never be used)."""
-        n = int(self.fraction * total_experts) if self.fraction is not None else self.nbytes // slot_bytes
+        # the epsilon keeps "1/E of all experts" at exactly one per layer despite float rounding (0.1 * 30 < 3)
+        n = int(self.fraction * total_experts + 1e-9) if self.fraction is not None else self.nbytes // slot_bytes
         if n < 1:
             what = f"{self.fraction:.4%} of {total_experts} experts" if self.fraction is not None else f"{self.nbytes} B"
             raise ValueError(f"expert cache budget ({what}) holds no expert; one expert slot takes {slot_bytes} B")
