@@ -135,12 +135,17 @@ class CheckpointReader:
             self._check_all({n: (members[n], raws[n]) for n in members})
         return {n: tensor_from_bytes(raws[n], members[n]) for n in members}
 
-    def load_state_dict(self, device: str | torch.device | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    def load_state_dict(self, device: str | torch.device | None = None, verify: bool = True,
+                        buffers: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, keyed by its Hugging Face name (the source checkpoint's keys), so the result feeds
         ``model.load_state_dict`` or ``from_pretrained(state_dict=...)``. On the CPU the tensors are views into
-        one buffer per partition; with ``device`` they are copied there. Nothing is returned unless every read
-        succeeded and, with ``verify``, every checksum matched."""
-        buffers = [aligned_buffer(size) for size in self.index.partitions]
+        one buffer per partition: fresh ones, or ``buffers`` (uint8 CPU tensors of the partitions' sizes, e.g.
+        shared or pinned memory the caller allocated once); with ``device`` they are copied there. Nothing is
+        returned unless every read succeeded and, with ``verify``, every checksum matched."""
+        if buffers is None:
+            buffers = [aligned_buffer(size) for size in self.index.partitions]
+        elif [b.numel() for b in buffers] != self.index.partitions or any(b.dtype != torch.uint8 for b in buffers):
+            raise ValueError(f"buffers must be uint8 tensors of the partition sizes {self.index.partitions}")
         read_ranges([(file, 0, writable_view(buf)) for file, buf in zip(self._files, buffers)],
                     self._pool, self.chunk_bytes)
         raws = {name: (entry, buffers[entry.partition][entry.offset:entry.offset + entry.bytes])

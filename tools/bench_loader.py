@@ -5,7 +5,8 @@
 Builds (once) a sharded safetensors checkpoint of bf16 tensors named like Mixtral's, converts it, then times
 loading every tensor into CPU memory, each case after warming the page cache ("warm") or after evicting the files
 from it with posix_fadvise(DONTNEED) ("cold"; no root needed). O_DIRECT reads bypass the page cache, so they
-are always cold. The first row is the disk itself: one thread, 64 MiB O_DIRECT reads of the partition files.
+are always cold. The first rows are floors: allocating and touching fresh memory of the checkpoint's size (no
+I/O), and the disk itself (one thread, 64 MiB O_DIRECT reads of the partition files).
 Prints a Markdown table with the command, machine and date.
 """
 
@@ -138,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     for buffer in pool:
         buffer.fill_(0)
 
-    def reader_into_pool(direct: bool):
+    def reader_into_pool(direct: bool, verify: bool):
         def run():
             with CheckpointReader(converted, direct=direct, **options) as r:
-                for number, buffer in enumerate(pool):
-                    r.read_range_into(number, 0, writable_view(buffer))
+                return r.load_state_dict(verify=verify, buffers=pool)
         return run
+
+    def fresh_memory():
+        return [aligned_buffer(n).fill_(0) for n in index.partitions]
 
     def safetensors_materialised():
         out = {}
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     cold_shards, warm_shards = (lambda: evict(shards)), (lambda: warm(shards))
     cold_parts, warm_parts = (lambda: evict(partitions)), (lambda: warm(partitions))
     cases = [
+        ("no I/O: allocate and first-touch fresh memory of the same size", fresh_memory, lambda: None),
         ("disk: 1 thread, 64 MiB O_DIRECT reads", lambda: disk_sequential(partitions), cold_parts),
         ("safetensors load_file + clone, cold", safetensors_materialised, cold_shards),
         ("safetensors load_file + clone, warm (page cache)", safetensors_materialised, warm_shards),
@@ -162,10 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         ("reader.load_state_dict, buffered, cold, checksums off", reader(False, False), cold_parts),
         ("reader.load_state_dict, buffered, warm, checksums on", reader(False, True), warm_parts),
         ("reader.load_state_dict, buffered, warm, checksums off", reader(False, False), warm_parts),
-        ("reader.read_range_into a reused buffer, O_DIRECT", reader_into_pool(True), cold_parts),
-        ("reader.read_range_into a reused buffer, buffered, warm", reader_into_pool(False), warm_parts),
+        ("reader.load_state_dict into reused buffers, O_DIRECT, checksums on", reader_into_pool(True, True),
+         cold_parts),
+        ("reader.load_state_dict into reused buffers, O_DIRECT, checksums off", reader_into_pool(True, False),
+         cold_parts),
+        ("reader.load_state_dict into reused buffers, buffered, warm, checksums on", reader_into_pool(False, True),
+         warm_parts),
+        ("reader.load_state_dict into reused buffers, buffered, warm, checksums off",
+         reader_into_pool(False, False), warm_parts),
     ]
-    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'tritonmoe.tools.bench_loader'] + (argv or sys.argv[1:]))}")
+    command = ["python", "-m", "tritonmoe.tools.bench_loader", *(sys.argv[1:] if argv is None else argv)]
+    print(f"command: {' '.join(command)}")
     print(f"machine: {machine()}; checkpoint on {filesystem(converted)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     print(f"checkpoint: {size / 2**30:.2f} GiB, {len(index.tensors)} tensors, {len(index.experts)} experts, "
