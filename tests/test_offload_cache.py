@@ -206,3 +206,11 @@ def test_cache_invariants(slots, eviction, steps):
     assert s["prefetches_used"] + s["prefetches_wasted"] <= s["prefetches"]
     assert s["bytes_moved"] == (s["misses"] + s["prefetches"]) * cache.store.layout.slot_bytes
     assert 0.0 <= s["hit_rate"] <= 1.0
+
+
+def test_fetch_overhead_helper_measures_misses():
+    from tritonmoe.backend.offload.timing import measure_fetch_overhead
+
+    out = measure_fetch_overhead("cpu", expert_bytes=64 * 1024, fetches=100)
+    assert out["fetches"] == 100 and out["median_fetch_us"] > 0 and out["median_bare_copy_us"] > 0
+    assert out["stall_us_per_fetch"] > 0  # on-demand copies on the CPU path are stalls by definition

@@ -186,3 +186,15 @@ def test_eamc_persists_across_restarts(checkpoints, tmp_path):
     _, again = load_offloaded_model(checkpoints["qwen3_moe"], "cpu", torch.float32, cfg)
     assert len(again.eamc) == 1
     assert (again.eamc.eams == offloader.eamc.eams).all()
+
+
+def test_cpu_path_never_loads_cuda_code(checkpoints):
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from tritonmoe.backend.offload import OffloadConfig, load_offloaded_model; "
+            f"m, o = load_offloaded_model({str(checkpoints['olmoe'])!r}, 'cpu', torch.float32, OffloadConfig()); "
+            "m(torch.tensor([[5, 6, 7]])); "
+            "print(any(n.endswith('cuda_copy_engine') for n in sys.modules), torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
