@@ -57,8 +57,8 @@ class EAMCollection:
             raise ValueError("EAMC capacity must be at least 1")
         self.capacity = capacity
         self.shape = (2, num_layers, num_experts)
+        # replaced, never written in place: a forward's predictor keeps a consistent snapshot
         self.eams = np.zeros((0, *self.shape), dtype=np.float32)
-        self.version = 0  # bumped on every change; the predictor snapshots per forward
 
     def __len__(self) -> int:
         return len(self.eams)
@@ -74,10 +74,9 @@ class EAMCollection:
         if len(self.eams) < self.capacity:
             self.eams = np.concatenate([self.eams, eam[None]])
         else:
-            eams = self.eams.copy()  # copy-on-write: a running forward keeps its snapshot intact
+            eams = self.eams.copy()
             eams[int(np.argmax(cosine(eams.reshape(len(eams), -1), eam.reshape(-1))))] = eam
             self.eams = eams
-        self.version += 1
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a reader never sees half a file)."""

@@ -89,12 +89,6 @@ class Offloader:
                    eviction=self.config.eviction, prefetch=self.config.prefetch, eamc_entries=len(self.eamc))
         return out
 
-    def save_eamc(self, path: str | os.PathLike | None = None) -> None:
-        path = path or self.config.eamc_path
-        if path is None:
-            raise ValueError("no path: pass one, or set eamc_path in the config")
-        self.eamc.save(path)
-
     def close(self) -> None:
         """Finish copies in flight and free copy streams; save the EAMC when ``eamc_path`` is set."""
         self.cache.engine.close()
