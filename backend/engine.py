@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .kv_batch import KVBatch
-from .sampling import RequestError, SamplingParams, make_generator, sample_row
+from .sampling import RequestError, SamplingParams, request_seed, sample_row, token_generator
 from .text import TextStream
 
 log = logging.getLogger("tritonmoe.engine")
@@ -39,6 +39,7 @@ class Output:
     error: str | None = None
     ttft: float | None = None  # seconds from submit to the first token, on the first output only
     itl: float | None = None  # seconds since the previous token, on later outputs
+    token_ids: tuple[int, ...] = ()  # the token sampled for this output (what a migrating router records)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Sequence:
     params: SamplingParams
     sink: Callable[[Output], None]
     text: TextStream
-    generator: torch.Generator | None
+    seed: int | None  # sampled requests draw token i from token_generator(seed, i)
+    context_ids: list[int] = field(default_factory=list)  # what prefill computes: prompt + resumed output
     submitted: float = field(default_factory=time.perf_counter)
     last_token_time: float | None = None
     last_token: int | None = None
@@ -80,20 +82,42 @@ class Engine:
 
     # ---- public API, thread-safe -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Output], None],
-               seq_id: str | None = None) -> str:
+               seq_id: str | None = None, resume_ids: list[int] = (), text_chars_sent: int = 0) -> str:
+        """Queue a request. ``resume_ids``/``text_chars_sent`` continue a generation that another server began
+        (live migration): those tokens count as output already produced, and the KV cache is recomputed."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
                                f"{self.max_model_len} tokens")
+        text = TextStream(self.tokenizer, params.stop)
+        if resume_ids:
+            self._check_resume(prompt_ids, params, resume_ids)
+            try:
+                text.resume(resume_ids, text_chars_sent)
+            except ValueError as e:
+                raise RequestError(f"resume_state: {e}") from None
         seq = Sequence(id=seq_id or f"seq-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params, sink=sink,
-                       text=TextStream(self.tokenizer, params.stop), generator=make_generator(params))
+                       text=text, seed=request_seed(params), context_ids=list(prompt_ids) + list(resume_ids),
+                       output_tokens=len(resume_ids))
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             self._pending.append(seq)
             self._cv.notify()
         return seq.id
+
+    def _check_resume(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int]) -> None:
+        vocab = self.model.config.get_text_config().vocab_size
+        bad = [t for t in resume_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"resume_state holds token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+        if len(resume_ids) >= params.max_tokens:
+            raise RequestError(f"resume_state already holds {len(resume_ids)} tokens; max_tokens is "
+                               f"{params.max_tokens}")
+        if len(prompt_ids) + len(resume_ids) >= self.max_model_len:
+            raise RequestError(f"prompt and resumed tokens ({len(prompt_ids) + len(resume_ids)}) fill the model's "
+                               f"context ({self.max_model_len})")
 
     def cancel(self, seq_id: str) -> None:
         with self._cv:
@@ -181,9 +205,9 @@ class Engine:
 
     def _prefill(self, seq: Sequence) -> None:
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        ids = torch.tensor([seq.context_ids], device=self.device)
         logits = self._forward([seq.id], "prefill", input_ids=ids, past_key_values=cache)
-        self._batch.add(cache, len(seq.prompt_ids))
+        self._batch.add(cache, len(seq.context_ids))
         self._running.append(seq)
         self._accept(seq, logits[0])
 
@@ -200,10 +224,11 @@ class Engine:
         """Sample one token for ``seq`` and tell its sink."""
         if self.eos_ids and (seq.params.ignore_eos or seq.output_tokens < seq.params.min_tokens):
             logits[list(self.eos_ids)] = float("-inf")
-        token = sample_row(logits, seq.params, seq.generator)
+        token = sample_row(logits, seq.params, token_generator(seq.seed, seq.output_tokens))
         now = time.perf_counter()
         timing = ({"ttft": now - seq.submitted} if seq.last_token_time is None
                   else {"itl": now - seq.last_token_time})
+        timing["token_ids"] = (token,)
         seq.last_token_time, seq.last_token = now, token
         seq.output_tokens += 1
         if token in self.eos_ids:

@@ -18,12 +18,18 @@ INPUTS = [
     {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
     {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    # Live migration (router/): JSON {"output_token_ids": [...], "text_chars_sent": n} continues a stream that
+    # another server began; the KV cache is recomputed from the prompt plus those tokens.
+    {"name": "resume_state", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
 ]
 OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
     {"name": "num_input_tokens", "data_type": "TYPE_INT32", "dims": [1]},
     {"name": "num_output_tokens", "data_type": "TYPE_INT32", "dims": [1]},
     {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [1]},
+    # Token ids generated since this request's previous response (all of them when not streaming). The generate
+    # endpoint's JSON turns a one-element array into a bare number.
+    {"name": "output_token_ids", "data_type": "TYPE_INT32", "dims": [-1]},
 ]
 # Request parameters Triton itself owns (extension_parameters.md): never ours to reject.
 _TRITON_PARAMETERS = {"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers"}
@@ -36,6 +42,8 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     prepend_prompt: bool
+    resume_ids: tuple[int, ...] = ()
+    text_chars_sent: int = 0
 
 
 def _json_object(raw: bytes | str, what: str) -> dict:
@@ -48,9 +56,24 @@ def _json_object(raw: bytes | str, what: str) -> dict:
     return value
 
 
+def _resume_state(raw: bytes | str) -> tuple[tuple[int, ...], int]:
+    state = _json_object(raw, "resume_state")
+    unknown = sorted(set(state) - {"output_token_ids", "text_chars_sent"})
+    if unknown:
+        raise RequestError(f"unknown resume_state key(s) {', '.join(map(repr, unknown))}; "
+                           "accepted: output_token_ids, text_chars_sent")
+    ids, sent = state.get("output_token_ids"), state.get("text_chars_sent", 0)
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RequestError("resume_state 'output_token_ids' must be a non-empty list of integers")
+    if not isinstance(sent, int) or isinstance(sent, bool) or sent < 0:
+        raise RequestError(f"resume_state 'text_chars_sent' must be an integer >= 0, got {sent!r}")
+    return tuple(ids), sent
+
+
 def parse_request(*, text_input: bytes | None, stream: bool | None, sampling_parameters: bytes | None,
                   exclude_input_in_output: bool | None, request_parameters: str | None, tokenizer,
-                  max_model_len: int, default_max_tokens: int = 16) -> ParsedRequest:
+                  max_model_len: int, default_max_tokens: int = 16,
+                  resume_state: bytes | None = None) -> ParsedRequest:
     if text_input is None:
         raise RequestError("input 'text_input' is required")
     try:
@@ -79,10 +102,14 @@ def parse_request(*, text_input: bytes | None, stream: bool | None, sampling_par
     prepend = not exclude_input_in_output if exclude_input_in_output is not None else not stream
     if prepend and stream:
         raise RequestError("streaming with 'exclude_input_in_output' = false is not supported")
+    resume_ids, text_chars_sent = _resume_state(resume_state) if resume_state else ((), 0)
+    if resume_ids and not stream:
+        raise RequestError("'resume_state' continues a stream: it needs 'stream' = true")
 
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise RequestError("'text_input' encodes to no tokens")
     if len(prompt_ids) >= max_model_len:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_model_len}")
-    return ParsedRequest(prompt=prompt, prompt_ids=prompt_ids, params=params, stream=stream, prepend_prompt=prepend)
+    return ParsedRequest(prompt=prompt, prompt_ids=prompt_ids, params=params, stream=stream, prepend_prompt=prepend,
+                         resume_ids=resume_ids, text_chars_sent=text_chars_sent)

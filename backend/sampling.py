@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -98,15 +99,23 @@ def parse_sampling(values: dict, *, max_model_len: int, default_max_tokens: int 
                           ignore_eos=v.get("ignore_eos", False))
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """A per-request CPU generator: a seeded request samples the same tokens whatever else is in the batch."""
+def request_seed(params: SamplingParams) -> int | None:
+    """The seed a sampled request draws from; unseeded requests get a random one (greedy ones need none)."""
     if params.greedy:
         return None
+    return params.seed if params.seed is not None else random.getrandbits(63)
+
+
+def token_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """A generator for output token ``index`` of a request, derived from (seed, index) alone.
+
+    Stateless on purpose: a seeded request samples the same tokens whatever else is in its batch, and a stream
+    resumed on another server after ``index`` tokens (live migration) continues exactly where it left off.
+    """
+    if seed is None:
+        return None
     gen = torch.Generator()
-    if params.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(params.seed)
+    gen.manual_seed((seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63))
     return gen
 
 

@@ -18,6 +18,14 @@ class TextStream:
         self.emitted = 0  # characters of the completion already handed out
         self.stopped = False
 
+    def resume(self, token_ids: list[int], chars_sent: int) -> None:
+        """Continue a stream begun elsewhere: ``token_ids`` were generated, ``chars_sent`` characters delivered."""
+        self.token_ids = list(token_ids)
+        text = self.decode()
+        if not 0 <= chars_sent <= len(text):
+            raise ValueError(f"{chars_sent} characters were sent, but the tokens decode to {len(text)}")
+        self.emitted = chars_sent
+
     def decode(self) -> str:
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

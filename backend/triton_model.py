@@ -49,6 +49,7 @@ class _Stream:
     sender: object
     parsed: ParsedRequest
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # not yet sent (streaming) or all (non-streaming)
     next_cancel_check: float = 0.0
 
 
@@ -62,12 +63,13 @@ def _input(request, name: str):
     return values[0]
 
 
-def _response(text: str, out: Output) -> "pb_utils.InferenceResponse":
+def _response(text: str, out: Output, token_ids: list[int]) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
         pb_utils.Tensor("num_output_tokens", np.array([out.output_tokens], dtype=np.int32)),
         pb_utils.Tensor("finish_reason", np.array([(out.finish_reason or "").encode()], dtype=np.object_)),
+        pb_utils.Tensor("output_token_ids", np.array(token_ids, dtype=np.int32)),
     ])
 
 
@@ -152,10 +154,12 @@ class TritonPythonModel:
                     sampling_parameters=_input(request, "sampling_parameters"),
                     exclude_input_in_output=_input(request, "exclude_input_in_output"),
                     request_parameters=request.parameters(), tokenizer=self.tokenizer,
-                    max_model_len=self.max_model_len, default_max_tokens=self.cfg.default_max_tokens)
+                    max_model_len=self.max_model_len, default_max_tokens=self.cfg.default_max_tokens,
+                    resume_state=_input(request, "resume_state"))
                 stream = _Stream(sender, parsed)
                 self.engine.submit(parsed.prompt_ids, parsed.params, lambda out, s=stream: self._outbox.put((s, out)),
-                                   seq_id=f"{request.request_id() or 'req'}-{id(stream):x}")
+                                   seq_id=f"{request.request_id() or 'req'}-{id(stream):x}",
+                                   resume_ids=list(parsed.resume_ids), text_chars_sent=parsed.text_chars_sent)
             except RequestError as e:
                 sender.send(_error(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 if self.metrics:
@@ -184,13 +188,17 @@ class TritonPythonModel:
         elif out.finish_reason == "cancelled":
             stream.sender.send(_error("request cancelled", pb_utils.TritonError.CANCELLED), flags=final)
         elif stream.parsed.stream:
+            stream.token_ids.extend(out.token_ids)
             if out.text or out.finished:
-                stream.sender.send(_response(out.text, out), flags=final if out.finished else 0)
+                # token ids ride along with the next text: a response never reports text its ids do not explain
+                stream.sender.send(_response(out.text, out, stream.token_ids), flags=final if out.finished else 0)
+                stream.token_ids = []
         else:
             stream.text.append(out.text)
+            stream.token_ids.extend(out.token_ids)
             if out.finished:
                 text = "".join(([stream.parsed.prompt] if stream.parsed.prepend_prompt else []) + stream.text)
-                stream.sender.send(_response(text, out), flags=final)
+                stream.sender.send(_response(text, out, stream.token_ids), flags=final)
         now = time.monotonic()
         if not out.finished and now >= stream.next_cancel_check:
             stream.next_cancel_check = now + CANCEL_CHECK_SECONDS

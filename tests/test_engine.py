@@ -154,3 +154,57 @@ def test_engine_thread_and_shutdown(tiny):
     assert last.finished and last.finish_reason in ("error", "length")
     with pytest.raises(RuntimeError, match="shutting down"):
         submit(engine, PROMPTS[1], max_tokens=4)
+
+
+def _migrate(engine_a, engine_b, prompt, cut, **sampling):
+    """Run ``prompt`` on engine A for ``cut`` outputs, then continue it on engine B from the tokens A produced."""
+    params = parse_sampling(sampling, max_model_len=engine_a.max_model_len)
+    prompt_ids = engine_a.tokenizer.encode(prompt)
+    qa = queue.Queue()
+    seq = engine_a.submit(prompt_ids, params, qa.put)
+    got = []
+    while len(got) < cut:
+        engine_a.step()
+        got += drain(qa)
+    engine_a.cancel(seq)
+    engine_a.step()
+    assert not got[-1].finished
+    ids = [t for o in got for t in o.token_ids]
+    sent = "".join(o.text for o in got)
+    qb = queue.Queue()
+    engine_b.submit(prompt_ids, params, qb.put, resume_ids=ids, text_chars_sent=len(sent))
+    run_all(engine_b)
+    rest = drain(qb)
+    return sent + "".join(o.text for o in rest), ids + [t for o in rest for t in o.token_ids], rest[-1]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.9, "seed": 7}],
+                         ids=["greedy", "seeded"])
+def test_resumed_stream_continues_exactly(tiny, sampling):
+    """Live migration's contract: a stream cut after k tokens and resumed elsewhere from its token ids produces
+    the same text and tokens, without repeating or losing a character, as one never interrupted."""
+    model, tok = _hf(tiny("qwen3_moe"))
+    a, b, whole = (Engine(model, tok, max_num_seqs=2) for _ in range(3))
+    _, q = submit(whole, PROMPTS[2], max_tokens=20, ignore_eos=True, **sampling)
+    run_all(whole)
+    outs = drain(q)
+    text, ids = "".join(o.text for o in outs), [t for o in outs for t in o.token_ids]
+    for cut in (1, 7):
+        migrated_text, migrated_ids, last = _migrate(a, b, PROMPTS[2], cut, max_tokens=20, ignore_eos=True,
+                                                     **sampling)
+        assert migrated_ids == ids and len(ids) == 20
+        assert migrated_text == text
+        assert last.output_tokens == 20 and last.finish_reason == "length"
+
+
+def test_bad_resume_state_is_refused(tiny):
+    model, tok = _hf(tiny("mixtral"))
+    engine = Engine(model, tok, max_num_seqs=2)
+    params = parse_sampling({"max_tokens": 4}, max_model_len=engine.max_model_len)
+    ids = tok.encode(PROMPTS[0])
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine.submit(ids, params, print, resume_ids=[5, 6, 7, 8])
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine.submit(ids, params, print, resume_ids=[10**9])
+    with pytest.raises(RequestError, match="characters were sent"):
+        engine.submit(ids, params, print, resume_ids=[5], text_chars_sent=1000)

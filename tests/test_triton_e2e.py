@@ -232,3 +232,28 @@ def test_missing_and_corrupt_checkpoints_fail_to_load_clearly(triton, tiny, tmp_
         assert generate(triton.http_url, "moe_mixtral", "fine", max_tokens=2)["num_output_tokens"] >= 1
     finally:
         client.close()
+
+
+def _ids(event: dict) -> list[int]:
+    value = event["output_token_ids"]  # the generate endpoint sends a one-element array as a bare number
+    return value if isinstance(value, list) else [value]
+
+
+def test_stream_resumed_from_its_token_ids_continues_exactly(triton, tiny, reference):
+    """The migration path through Triton: a stream cut after a few responses and resumed (``resume_state``) from
+    the token ids it reported yields the reference's remaining text and tokens, nothing repeated or lost."""
+    ids, text = reference(tiny("qwen3_moe"), PROMPTS[3], 14)
+    events = list(generate_stream(triton.http_url, "moe_qwen3_moe", PROMPTS[3], max_tokens=14))
+    assert [t for e in events for t in _ids(e)] == ids
+    head = events[:3]
+    got_ids = [t for e in head for t in _ids(e)]
+    sent = "".join(e["text_output"] for e in head)
+    state = json.dumps({"output_token_ids": got_ids, "text_chars_sent": len(sent)})
+    rest = list(generate_stream(triton.http_url, "moe_qwen3_moe", PROMPTS[3], inputs={"resume_state": state},
+                                max_tokens=14))
+    assert sent + "".join(e["text_output"] for e in rest) == text
+    assert got_ids + [t for e in rest for t in _ids(e)] == ids
+    assert rest[-1]["num_output_tokens"] == len(ids)
+    with pytest.raises(GenerateError, match="resume_state"):
+        list(generate_stream(triton.http_url, "moe_qwen3_moe", PROMPTS[3], inputs={"resume_state": "[1]"},
+                             max_tokens=14))

@@ -34,9 +34,11 @@ def generate(http_url: str, model: str, prompt: str, timeout: float = 300, **par
         return json.loads(r.read())
 
 
-def generate_stream(http_url: str, model: str, prompt: str, timeout: float = 300, **parameters) -> Iterator[dict]:
-    """Server-sent events of ``/v2/models/<model>/generate_stream``, one dict per response."""
-    body = {"text_input": prompt, "stream": True, "parameters": parameters}
+def generate_stream(http_url: str, model: str, prompt: str, timeout: float = 300, inputs: dict | None = None,
+                    **parameters) -> Iterator[dict]:
+    """Server-sent events of ``/v2/models/<model>/generate_stream``, one dict per response. ``inputs`` adds
+    model inputs beside ``text_input`` (``resume_state``, ...)."""
+    body = {"text_input": prompt, "stream": True, **(inputs or {}), "parameters": parameters}
     with _post(f"http://{http_url}/v2/models/{model}/generate_stream", body, timeout) as r:
         for raw in r:
             line = raw.decode().strip()
