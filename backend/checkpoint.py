@@ -26,7 +26,7 @@ def resolve_dtype(name: str, device: torch.device, config_dtype) -> torch.dtype:
     return config_dtype if isinstance(config_dtype, torch.dtype) else torch.bfloat16
 
 
-def check_folder(path: Path) -> dict:
+def check_folder(path: Path, weights_glob: str = "*.safetensors") -> dict:
     """Fail early and clearly on a missing or obviously broken checkpoint folder; return its config."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
@@ -37,8 +37,8 @@ def check_folder(path: Path) -> dict:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    if not any(path.glob("*.safetensors")):
-        raise CheckpointError(f"checkpoint folder {path} has no *.safetensors weights")
+    if not any(path.glob(weights_glob)):
+        raise CheckpointError(f"checkpoint folder {path} has no {weights_glob} weights")
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise CheckpointError(f"checkpoint folder {path} has no tokenizer (tokenizer.json or tokenizer.model)")
     return config

@@ -51,6 +51,22 @@ def resolve_checkpoint(value: str, model_dir: str | None = None) -> Path:
     return models_home() / path
 
 
+def offload_config(params: dict[str, str]):
+    """Expert offloading is on when ``expert_cache_budget`` is set; its other keys alone are a mistake."""
+    from tritonmoe.backend.offload.config import PARAMETER_KEYS, OffloadConfig
+
+    given = sorted(k for k in params if k in PARAMETER_KEYS.values())
+    if not given:
+        return None
+    if "expert_cache_budget" not in given:
+        raise ConfigError(f"parameter(s) {', '.join(map(repr, given))} need 'expert_cache_budget', which turns "
+                          "expert offloading on (bytes such as '2GiB', or a share of the routed experts such as '25%')")
+    try:
+        return OffloadConfig.from_parameters({k: params[k] for k in given})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     checkpoint: Path
@@ -59,10 +75,14 @@ class EngineConfig:
     max_model_len: int | None = None
     default_max_tokens: int = 16
     report_metrics: bool = True
+    offload: object | None = None  # OffloadConfig when experts are offloaded
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], model_dir: str | None = None) -> "EngineConfig":
-        known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics"}
+        from tritonmoe.backend.offload.config import PARAMETER_KEYS
+
+        known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics",
+                 *PARAMETER_KEYS.values()}
         unknown = sorted(set(params) - known - TRITON_KEYS)
         if unknown:
             raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -80,6 +100,7 @@ class EngineConfig:
                            if params.get("max_model_len", "").strip() else None),
             default_max_tokens=parse_int("default_max_tokens", params.get("default_max_tokens", "16"), 1),
             report_metrics=parse_bool("report_metrics", params.get("report_metrics", "true")),
+            offload=offload_config(params),
         )
 
 

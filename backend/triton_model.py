@@ -18,14 +18,15 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from .checkpoint import load_model, load_tokenizer
 from .config import EngineConfig, parameters_from_model_config
 from .engine import Engine, Output
-from .metrics import TritonMetrics
+from .metrics import OffloadMetrics, TritonMetrics
+from .weights import load_for_serving
 from .protocol import INPUTS, OUTPUTS, ParsedRequest, parse_request
 from .sampling import RequestError
 
 CANCEL_CHECK_SECONDS = 0.1  # is_cancelled() is an IPC call: poll each request at most this often
+OFFLOAD_METRICS_SECONDS = 1.0  # how often the expert cache's counters are exported
 
 
 class _TritonLogHandler(logging.Handler):
@@ -109,22 +110,29 @@ class TritonPythonModel:
         self.cfg = EngineConfig.from_parameters(parameters_from_model_config(model_config), args["model_repository"])
         self.device = self._device(args)
 
-        t0 = time.perf_counter()
-        model = load_model(self.cfg.checkpoint, self.device, self.cfg.dtype)
-        self.tokenizer = load_tokenizer(self.cfg.checkpoint)
-        load_seconds = time.perf_counter() - t0
+        loaded = load_for_serving(self.cfg, self.device)
+        model, self.tokenizer, self.offloader = loaded.model, loaded.tokenizer, loaded.offloader
 
         self.metrics = self._metrics() if self.cfg.report_metrics else None
+        self.offload_metrics, self._next_offload_publish = None, 0.0
+        if self.metrics:
+            self.metrics.startup(loaded.phases)
+            if self.offloader is not None:
+                self.offload_metrics = OffloadMetrics(self.metrics, self.offloader.store.num_layers)
         self.engine = Engine(model, self.tokenizer, max_num_seqs=self.cfg.max_num_seqs,
-                             max_model_len=self.cfg.max_model_len, on_step=self._on_step)
+                             max_model_len=self.cfg.max_model_len, offloader=self.offloader, on_step=self._on_step)
         self.max_model_len = self.engine.max_model_len
         self._outbox: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="tritonmoe-sender", daemon=True)
         self._sender.start()
         self.engine.start()
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in loaded.phases.items())
+        offload = "" if self.offloader is None else (
+            f", experts offloaded (cache {self.offloader.num_slots} slots = {self.cfg.offload.cache_budget}, "
+            f"eviction {self.cfg.offload.eviction}, prefetch {self.cfg.offload.prefetch})")
         log.info(f"model '{self.name}' ready on {self.device} ({next(model.parameters()).dtype}): "
-                 f"checkpoint {self.cfg.checkpoint} loaded in {load_seconds:.2f}s, "
-                 f"max_num_seqs={self.cfg.max_num_seqs}, max_model_len={self.max_model_len}")
+                 f"{loaded.layout} checkpoint {self.cfg.checkpoint} ({phases}), "
+                 f"max_num_seqs={self.cfg.max_num_seqs}, max_model_len={self.max_model_len}{offload}")
 
     @staticmethod
     def _device(args: dict) -> torch.device:
@@ -222,9 +230,15 @@ class TritonPythonModel:
         if self.metrics:
             self.metrics.update(self.metrics.batch.set, running)
             self.metrics.update(self.metrics.step_seconds.observe, seconds)
+        # on the engine thread, between forwards: the only place the offloader's counters are consistent
+        if self.offload_metrics and (running == 0 or time.monotonic() >= self._next_offload_publish):
+            self._next_offload_publish = time.monotonic() + OFFLOAD_METRICS_SECONDS
+            self.offload_metrics.publish(self.offloader.stats())
 
     def finalize(self) -> None:
         self.engine.shutdown()
+        if self.offloader is not None:
+            self.offloader.close()  # waits for copies in flight; saves the EAMC when eamc_path is set
         self._outbox.put(None)
         self._sender.join(30)
         if self.metrics:

@@ -72,5 +72,5 @@ def test_perf_analyzer_streaming_smoke_run(triton, tmp_path):
                            "--stability-percentage", "100", "-f", str(report)], timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = perf_analyzer.read_csv(report)
-    assert [int(row["Concurrency"]) for row in rows] == [1, 2]
+    assert sorted(int(row["Concurrency"]) for row in rows) == [1, 2]  # rows come sorted by throughput
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)

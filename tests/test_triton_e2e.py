@@ -257,3 +257,37 @@ def test_stream_resumed_from_its_token_ids_continues_exactly(triton, tiny, refer
     with pytest.raises(GenerateError, match="resume_state"):
         list(generate_stream(triton.http_url, "moe_qwen3_moe", PROMPTS[3], inputs={"resume_state": "[1]"},
                              max_tokens=14))
+
+
+@pytest.mark.parametrize("arch, budget, eviction, prefetch", [
+    ("deepseek_v3", "1", "activation", "activation"),  # bytes too small for one expert: refused at load
+    ("qwen3_moe", "7%", "activation", "activation"),   # 1 of 16 experts: one slot, each layer runs in rounds
+    ("mixtral", "25%", "lru", "lookahead"),
+])
+def test_offloaded_model_through_triton(triton, tiny, reference, arch, budget, eviction, prefetch):
+    """``expert_cache_budget`` turns offloading on: greedy output still equals transformers, the expert cache's
+    counters and the start-up phases reach Prometheus, and a budget too small for one expert fails the load."""
+    name = f"offload_{arch}"
+    write_model(triton.repo, name, tiny(arch), expert_cache_budget=budget, expert_eviction=eviction,
+                expert_prefetch=prefetch)
+    client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
+    try:
+        if budget == "1":
+            with pytest.raises(InferenceServerException, match="holds no expert"):
+                client.load_model(name)
+            return
+        client.load_model(name)
+        for prompt in PROMPTS[:2]:
+            ids, text = reference(tiny(arch), prompt, 10)
+            events = list(generate_stream(triton.http_url, name, prompt, max_tokens=10))
+            assert "".join(e["text_output"] for e in events) == text
+        time.sleep(0.5)  # the metrics thread applies the last snapshot (taken when the batch emptied)
+        uses = metric(triton, "tritonmoe_expert_uses_total", model=name)
+        hits, misses = (metric(triton, f"tritonmoe_expert_cache_{k}_total", model=name) for k in ("hits", "misses"))
+        assert uses > 0 and hits + misses == uses and misses > 0
+        assert metric(triton, "tritonmoe_expert_demand_bytes_total", model=name) > 0
+        assert 0 <= metric(triton, "tritonmoe_expert_hit_rate", model=name) <= 1
+        assert metric(triton, "tritonmoe_startup_seconds", model=name, phase="offload_setup") > 0
+        client.unload_model(name)
+    finally:
+        client.close()

@@ -24,24 +24,42 @@ def binary() -> Path:
     return Path(found)
 
 
+def _link(shim: Path, name: str, libs: Path, pattern: str) -> None:
+    link = shim / name
+    if link.exists():
+        return
+    candidates = sorted(libs.glob(pattern))
+    if not candidates:
+        raise TritonError(f"no {pattern} in {libs}")
+    tmp = shim / f".{name}.{os.getpid()}"
+    tmp.symlink_to(candidates[0])
+    os.replace(tmp, link)  # atomic: concurrent first runs race safely
+
+
+def _cudart12_dir() -> Path | None:
+    try:
+        import nvidia.cuda_runtime
+    except ImportError:
+        return None
+    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
+    return lib if (lib / "libcudart.so.12").exists() else None
+
+
 def env() -> dict:
-    import nvidia.cuda_runtime
     import pytriton
 
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
     shim = tritonmoe_home() / "lib"
     shim.mkdir(parents=True, exist_ok=True)
-    link = shim / "libb64.so.0d"
-    if not link.exists():
-        candidates = sorted(libs.glob("libb64-*.so.0d"))
-        if not candidates:
-            raise TritonError(f"no libb64 in {libs}")
-        tmp = shim / f".libb64.{os.getpid()}"
-        tmp.symlink_to(candidates[0])
-        os.replace(tmp, link)
-    cudart = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
+    _link(shim, "libb64.so.0d", libs, "libb64-*.so.0d")
+    dirs = [shim]
+    cudart = _cudart12_dir()
+    if cudart is None:  # a CUDA 13 machine: the server wheel's own CUDA 12 runtime serves perf_analyzer too
+        _link(shim, "libcudart.so.12", libs, "libcudart-*.so.12*")
+    else:
+        dirs.append(cudart)
     e = dict(os.environ)
-    e["LD_LIBRARY_PATH"] = os.pathsep.join([str(shim), str(cudart), e.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    e["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, dirs), e.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     return e
 
 

@@ -48,13 +48,19 @@ def parse_args(argv):
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--serve", action="store_true", help="keep serving after the sample completion until Ctrl-C")
     p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
-    return p.parse_args(argv)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config.pbtxt parameter, repeatable (e.g. --param expert_cache_budget=25%%)")
+    a = p.parse_args(argv)
+    for item in a.param:
+        if "=" not in item or not item.partition("=")[0].strip():
+            p.error(f"--param expects KEY=VALUE, got {item!r}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    overrides = {}
+    overrides = {k.strip(): v for k, _, v in (item.partition("=") for item in a.param)}
     if a.checkpoint:
         overrides["checkpoint"] = str(Path(a.checkpoint).resolve())
     else:

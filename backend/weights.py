@@ -1,0 +1,81 @@
+"""Everything a served model needs before its first request: weights on the device, tokenizer, expert offloading.
+
+Two checkpoint layouts are read: a Hugging Face folder (``from_pretrained``) and tritonmoe's loading-optimised
+format (``tritonmoe-convert``, read by :mod:`tritonmoe.loader`). With offloading on, the model is built on the host
+and :func:`~tritonmoe.backend.offload.attach_offloading` moves its non-expert weights to the device and its routed
+experts into the host tier behind a device expert cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, check_folder, load_model, load_tokenizer, resolve_dtype
+from .config import EngineConfig
+
+log = logging.getLogger("tritonmoe")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    offloader: object | None  # tritonmoe.backend.offload.Offloader when experts are offloaded
+    layout: str  # "huggingface" or "tritonmoe"
+    phases: dict[str, float] = field(default_factory=dict)  # start-up phase -> seconds
+
+
+def is_converted(path: Path) -> bool:
+    from tritonmoe.loader.format import INDEX_FILE
+
+    return (path / INDEX_FILE).is_file()
+
+
+@contextmanager
+def _phase(phases: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - t0
+
+
+def load_for_serving(cfg: EngineConfig, device: torch.device) -> LoadedModel:
+    phases: dict[str, float] = {}
+    path = cfg.checkpoint
+    converted = path.is_dir() and is_converted(path)
+    # experts go to the host tier first when offloading, so the device never holds more than its cache
+    build_on = torch.device("cpu") if cfg.offload is not None else device
+    with _phase(phases, "weights"):
+        if converted:
+            model = _load_converted(path, build_on, cfg.dtype)
+        else:
+            model = load_model(path, build_on, cfg.dtype)
+    offloader = None
+    if cfg.offload is not None:
+        from tritonmoe.backend.offload import attach_offloading
+
+        with _phase(phases, "offload_setup"):
+            try:
+                offloader = attach_offloading(model, cfg.offload, device=device)
+            except ValueError as e:
+                raise CheckpointError(f"cannot offload the experts of {path}: {e}") from e
+    with _phase(phases, "tokenizer"):
+        tokenizer = load_tokenizer(path)
+    return LoadedModel(model, tokenizer, offloader, "tritonmoe" if converted else "huggingface", phases)
+
+
+def _load_converted(path: Path, device: torch.device, dtype: str) -> torch.nn.Module:
+    from tritonmoe.loader.format import CheckpointError as FormatError
+    from tritonmoe.loader.hf_model import load_hf_model
+
+    config = check_folder(path, weights_glob="*.bin")
+    torch_dtype = resolve_dtype(dtype, device, config.get("dtype", config.get("torch_dtype")))
+    try:
+        return load_hf_model(path, device, torch_dtype).eval()
+    except FormatError as e:
+        raise CheckpointError(f"cannot load the converted checkpoint {path}: {e}") from e
