@@ -291,3 +291,33 @@ def test_offloaded_model_through_triton(triton, tiny, reference, arch, budget, e
         client.unload_model(name)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offloaded"])
+def test_converted_checkpoint_through_triton(triton, tiny, reference, tmp_path, offload):
+    """A checkpoint in tritonmoe's loading-optimised format (tritonmoe-convert) serves like its HF original, with
+    and without offloading; a flipped bit in its data fails the load with the checksum error naming the tensor."""
+    from tritonmoe.loader.convert import convert
+
+    converted = convert(tiny("olmoe"), tmp_path / "olmoe-converted", progress=False).dest
+    name = f"converted_{'off' if offload else 'res'}"
+    write_model(triton.repo, name, converted, **({"expert_cache_budget": "30%"} if offload else {}))
+    client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
+    try:
+        client.load_model(name)
+        _, text = reference(tiny("olmoe"), PROMPTS[0], 10)
+        assert generate(triton.http_url, name, PROMPTS[0], max_tokens=10,
+                        exclude_input_in_output=True)["text_output"] == text
+        client.unload_model(name)
+        if not offload:
+            return
+        part = sorted(converted.glob("partition-*.bin"))[0]
+        data = bytearray(part.read_bytes())
+        data[4096 + 17] ^= 0x01
+        part.write_bytes(bytes(data))
+        write_model(triton.repo, "converted_bad", converted)
+        with pytest.raises(InferenceServerException, match="checksum"):
+            client.load_model("converted_bad")
+        assert not client.is_model_ready("converted_bad")
+    finally:
+        client.close()
