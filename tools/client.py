@@ -47,3 +47,15 @@ def generate_stream(http_url: str, model: str, prompt: str, timeout: float = 300
                 if "error" in event:
                     raise GenerateError(200, event["error"])
                 yield event
+
+
+def load_model(http_url: str, model: str, config: dict | None = None, timeout: float = 600) -> None:
+    """Triton's repository API ``load``, optionally with a ``config`` override (the full model config as JSON)."""
+    body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+    with _post(f"http://{http_url}/v2/repository/models/{model}/load", body, timeout) as r:
+        r.read()
+
+
+def unload_model(http_url: str, model: str, timeout: float = 60) -> None:
+    with _post(f"http://{http_url}/v2/repository/models/{model}/unload", {}, timeout) as r:
+        r.read()

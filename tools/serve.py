@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import tiny_models
-from .client import GenerateError, generate_stream
+from .client import GenerateError, generate_stream, load_model
 from .model_config import read_config, with_overrides
 from .tritonserver import TritonError, TritonServer
 
@@ -84,14 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         say(f"tritonserver up in {time.perf_counter() - t:.1f}s  HTTP {server.http_url}  gRPC {server.grpc_url}  "
             f"metrics {server.metrics_url}  (log: {server.log_path})")
-        import tritonclient.http as httpclient
-
-        client = httpclient.InferenceServerClient(server.http_url, network_timeout=600)
         t = time.perf_counter()
-        try:
-            client.load_model(a.model, config=json.dumps(config))
-        finally:
-            client.close()  # an idle keep-alive connection would hold up the server's shutdown
+        load_model(server.http_url, a.model, config)
         say(f"model '{a.model}' loaded in {time.perf_counter() - t:.2f}s ({a.device})")
 
         say(f"\nprompt: {a.prompt!r}\n")
