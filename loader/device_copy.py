@@ -28,6 +28,7 @@ log = logging.getLogger("tritonmoe.loader")
 DEFAULT_COPY_CHUNK = 64 << 20  # >= 16 MiB reaches the pinned H2D ceiling (55 GB/s on the H100 machine)
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the GPU only reads; no copy-on-write of the pages
 CUDA_SUCCESS = 0
+CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
 
 
 def _cudart():
@@ -58,6 +59,9 @@ class PinnedRegistry:
             if self.failed:
                 return False
         err = _cudart().cudaHostRegister(ptr, nbytes, CUDA_HOST_REGISTER_READ_ONLY)
+        if int(err) == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:  # by another registry of this process
+            _clear_last_error()
+            return True
         if int(err) != CUDA_SUCCESS:
             _clear_last_error()  # not sticky, but torch would report it after its next kernel launch
             with self._lock:
@@ -79,33 +83,38 @@ class PinnedRegistry:
         return sum(self._ranges.values())
 
 
-def copy_spans_to_device(spans: list[torch.Tensor], device: torch.device | str, *,
+def copy_spans_to_device(spans: list[tuple[torch.Tensor, int, int]], device: torch.device | str, *,
                          registry: PinnedRegistry | None = None, chunk_bytes: int = DEFAULT_COPY_CHUNK,
                          register_threads: int = 4) -> list[torch.Tensor]:
-    """Copy each uint8 host tensor in ``spans`` into a new uint8 tensor on ``device``; returns them, complete.
+    """Copy each span ``(base, start, end)`` -- bytes [start, end) of the uint8 host tensor ``base`` -- into a new
+    uint8 tensor on ``device``; returns them, complete.
 
-    With a ``registry`` the pinned chunks stay registered (and a second call skips registering); without one they
-    are unregistered before returning."""
+    ``base`` is registered on a fixed grid of ``chunk_bytes`` pieces of itself, whatever the spans, so spans that
+    share a piece never register it twice (CUDA refuses overlapping registrations). With a ``registry`` the pieces
+    stay registered (a second call skips registering); without one they are unregistered before returning."""
     device = torch.device(device)
     own = registry is None
     registry = registry or PinnedRegistry()
-    outs = [torch.empty(s.numel(), dtype=torch.uint8, device=device) for s in spans]
-    chunks = [(i, start, min(chunk_bytes, s.numel() - start))
-              for i, s in enumerate(spans) for start in range(0, s.numel(), chunk_bytes)]
+    outs = [torch.empty(end - start, dtype=torch.uint8, device=device) for _, start, end in spans]
+    chunks = []  # (span index, piece start, piece end, grid start, grid bytes)
+    for i, (base, start, end) in enumerate(spans):
+        for g in range(start // chunk_bytes * chunk_bytes, end, chunk_bytes):
+            chunks.append((i, max(start, g), min(end, g + chunk_bytes), g, min(chunk_bytes, base.numel() - g)))
     stream = torch.cuda.Stream(device)
     staging: StagingRing | None = None
     try:
         with ThreadPoolExecutor(register_threads, thread_name_prefix="tritonmoe-pin") as pool:
             # registration runs ahead of the copies on several threads; each copy waits only for its own chunk
-            pinned = [pool.submit(registry.register, spans[i][start:].data_ptr(), n) for i, start, n in chunks]
+            pinned = [pool.submit(registry.register, spans[i][0].data_ptr() + g, n) for i, _, _, g, n in chunks]
             with torch.cuda.stream(stream):
-                for (i, start, n), ok in zip(chunks, pinned):
-                    src = spans[i][start:start + n]
+                for (i, lo, hi, _, _), ok in zip(chunks, pinned):
+                    base, start, _ = spans[i]
+                    src, dst = base[lo:hi], outs[i][lo - start:hi - start]
                     if ok.result():
-                        outs[i][start:start + n].copy_(src, non_blocking=True)
+                        dst.copy_(src, non_blocking=True)
                     else:
                         staging = staging or StagingRing(device, chunk_bytes, 4, stream)
-                        staging.copy(src, outs[i][start:start + n])
+                        staging.copy(src, dst)
         stream.synchronize()
     finally:
         if staging is not None:
@@ -114,6 +123,15 @@ def copy_spans_to_device(spans: list[torch.Tensor], device: torch.device | str, 
             stream.synchronize()
             registry.close()
     return outs
+
+
+def register_spans(spans: list[tuple[torch.Tensor, int, int]], registry: PinnedRegistry,
+                   chunk_bytes: int = DEFAULT_COPY_CHUNK, threads: int = 4) -> bool:
+    """Page-lock the grid pieces of each ``(base, start, end)`` span (the grid of copy_spans_to_device)."""
+    jobs = [(base.data_ptr() + g, min(chunk_bytes, base.numel() - g))
+            for base, start, end in spans for g in range(start // chunk_bytes * chunk_bytes, end, chunk_bytes)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="tritonmoe-pin") as pool:
+        return all(pool.map(lambda job: registry.register(*job), jobs))
 
 
 class StagingRing:

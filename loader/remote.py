@@ -20,7 +20,6 @@ from pathlib import Path
 from .format import INDEX_FILE, CheckpointError, CheckpointIndex, partition_file_name
 
 log = logging.getLogger("tritonmoe.loader")
-COPY_CHUNK = 16 << 20
 
 
 class RemoteError(CheckpointError):
@@ -98,9 +97,7 @@ def fetch_checkpoint(url: str, dest: Path, *, timeout: float = 30.0, threads: in
 def _fetch_file(fs, remote: str, local: Path, size: int | None, url: str, timeout: float) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with fs.open(remote, "rb", block_size=COPY_CHUNK) as src, open(local, "wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                out.write(chunk)
+        fs.get_file(remote, str(local))  # streams; works for every fsspec protocol (HTTP needs no Range support)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise RemoteError(f"no space left on the disk cache while fetching {remote}") from e

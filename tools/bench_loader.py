@@ -117,7 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per case; the best is reported")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--chunk-mb", type=int, default=32)
+    p.add_argument("--gpu", action="store_true", help="the GPU benchmark (issue 3 part 5) instead of the CPU one")
+    p.add_argument("--gpu-check", action="store_true", help="only the GPU correctness check (tiny models)")
+    p.add_argument("--shm-dir", default="/dev/shm/tritonmoe-bench", help="DRAM cache folder for --gpu")
+    p.add_argument("--slots", type=int, default=16, help="pinned staging buffers for --gpu")
+    p.add_argument("--partition-gb", type=int, default=2)
+    p.add_argument("--skip-models", action="store_true", help="--gpu: skip the whole-model rows")
+    p.add_argument("--json", type=Path, default=None, help="--gpu: also write the results here")
     a = p.parse_args(argv)
+    if a.gpu_check:
+        return gpu_check(a)
+    if a.gpu:
+        return gpu_main(a)
 
     hf = make_checkpoint(a.dir / "hf", a.gb, a.shards)
     converted = convert(hf, a.dir / "converted", progress=False).dest
@@ -186,6 +197,323 @@ def main(argv: list[str] | None = None) -> int:
         seconds = timed(fn, a.repeat, prepare)
         print(f"| {label} | {seconds:.3f} | {size / seconds / 1e9:.2f} |", flush=True)
     return 0
+
+
+
+# ---- GPU benchmark (issue 3, part 5) ------------------------------------------------------------------------------
+# python -m tritonmoe.tools.bench_loader --gpu --gb 9 --dir /tmp/bench-gpu --json results.json
+#
+# One run, one checkpoint: a real Mixtral config (so transformers can load it) with random bf16 weights in several
+# safetensors shards, converted once. Every case loads every tensor onto cuda:0 and is timed with the GPU
+# synchronised at the end; GB/s = tensor bytes / seconds. "cold": the page cache was dropped first
+# (/proc/sys/vm/drop_caches as root, else posix_fadvise(DONTNEED) per file, said in the output); "warm": the files
+# were read once just before. Our rows: the loader's DRAM cache (shared memory, mapped by the backend) to the GPU,
+# and the checkpoint reader streaming partitions through a pinned ring to the GPU, from the page cache and cold.
+
+
+def make_mixtral_checkpoint(folder: Path, gib: float, shards: int, layers: int | None = None) -> Path:
+    """A Mixtral-architecture checkpoint of about ``gib`` GiB, random bf16, generated on the GPU when there is one."""
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    from transformers import MixtralConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden, ffn, experts, vocab = HIDDEN, EXPERT_FFN, EXPERTS, 32000
+    per_layer = (4 * hidden * hidden + experts * 3 * hidden * ffn + experts * hidden + 2 * hidden) * 2
+    layers = layers or max(1, round((gib * 2**30 - 2 * vocab * hidden * 2) / per_layer))
+    cfg = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                        num_attention_heads=8, num_key_value_heads=8, num_local_experts=experts,
+                        num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,
+                        dtype="bfloat16")
+    cfg.save_pretrained(folder)
+    tensors = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+               "model.norm.weight": (hidden,)}
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"{p}.self_attn.{proj}.weight"] = (hidden, hidden)
+        tensors[f"{p}.input_layernorm.weight"] = (hidden,)
+        tensors[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        tensors[f"{p}.block_sparse_moe.gate.weight"] = (experts, hidden)
+        for e in range(experts):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            tensors[f"{q}.w1.weight"] = (ffn, hidden)
+            tensors[f"{q}.w2.weight"] = (hidden, ffn)
+            tensors[f"{q}.w3.weight"] = (ffn, hidden)
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = list(tensors)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        # small values (not random bits): no NaN/Inf, so a forward pass of the loaded model is meaningful
+        save_file({n: (torch.randn(tensors[n], device=gen_device, dtype=torch.bfloat16) * 0.02).cpu()
+                   for n in part}, folder / file)
+        weight_map |= {n: file for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def drop_caches(files: list[Path]) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        evict(files)
+        return "fadvise"
+
+
+def ensure_shm(path: Path, need: int) -> Path:
+    """``path`` if its filesystem has room for ``need`` bytes; containers often give /dev/shm only 64 MiB, so
+    else a tmpfs of our own is mounted (root) and used instead."""
+    path.mkdir(parents=True, exist_ok=True)
+    from tritonmoe.loader.dram_cache import free_bytes
+
+    if free_bytes(path) > need * 1.1:
+        return path
+    mnt = Path("/mnt/tritonmoe-shm")
+    mnt.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(mnt) and free_bytes(mnt) > need * 1.1:
+        return mnt
+    size_gb = int(need * 1.2 / 1e9) + 2
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_gb}g", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    print(f"{path} has {free_bytes(path) / 1e9:.1f} GB free, {need / 1e9:.1f} needed: mount tmpfs on {mnt}: "
+          f"{'ok' if r.returncode == 0 else r.stderr.strip()}")
+    return mnt if r.returncode == 0 else path
+
+
+def gpu_main(a) -> int:
+    import gc
+    import statistics
+
+    from tritonmoe.loader import dram_cache
+    from tritonmoe.loader.client import ShmCheckpoint
+    from tritonmoe.loader.device_copy import stream_reader_to_device
+    from tritonmoe.loader.hf_model import load_hf_model_from_shm
+
+    dev = torch.device("cuda:0")
+    t_prep = time.perf_counter()
+    hf = make_mixtral_checkpoint(a.dir / "hf", a.gb, a.shards)
+    converted = convert(hf, a.dir / "converted", progress=False, partition_bytes=a.partition_gb << 30).dest
+    index = read_index(converted)
+    size = sum(t.bytes for t in index.tensors.values())
+    shards = sorted(hf.glob("*.safetensors"))
+    partitions = [converted / partition_file_name(i) for i in range(len(index.partitions))]
+    shm = ensure_shm(Path(a.shm_dir), index.total_bytes)
+    prep_s = time.perf_counter() - t_prep
+    all_files = shards + partitions
+    results: list[dict] = []
+    how_cold = {"mode": "?"}
+
+    def cold():
+        how_cold["mode"] = drop_caches(all_files)
+
+    def warm_all(files):
+        return lambda: warm(files)
+
+    def record(case, group, seconds, note=""):
+        results.append({"case": case, "group": group, "seconds": seconds, "gbps": size / seconds / 1e9,
+                        "note": note})
+        print(f"| {case} | {seconds:.3f} | {size / seconds / 1e9:.2f} | {note} |", flush=True)
+
+    def run_case(case, group, fn, prepare, repeat, note=""):
+        times = []
+        try:
+            for _ in range(repeat):
+                prepare()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = fn()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+                del out
+                gc.collect()
+                torch.cuda.empty_cache()
+        except Exception as e:  # one broken peer must not cost the whole run
+            print(f"| {case} | failed | | {type(e).__name__}: {str(e)[:200]} |", flush=True)
+            results.append({"case": case, "group": group, "error": f"{type(e).__name__}: {e}"})
+            return
+        record(case, group, min(times), note + (f" best of {repeat}" if repeat > 1 else ""))
+
+    # -- ceilings
+    def host_to_gpu_pinned():
+        src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return 5 * (1 << 30) / (time.perf_counter() - t) / 1e9
+
+    def dd(direct: bool) -> float:
+        t = time.perf_counter()
+        for path in partitions:
+            subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M"] + (["iflag=direct"] if direct else []),
+                           check=True, capture_output=True)
+        return time.perf_counter() - t
+
+    # -- our loader
+    def shm_fill():
+        target = shm / "bench"
+        dram_cache.remove(target)
+        return dram_cache.fill(converted, target, threads=a.threads, chunk_bytes=a.chunk_mb << 20, verify=False)
+
+    def reader_stream(direct: bool):
+        def run():
+            with CheckpointReader(converted, direct=direct, threads=a.threads, chunk_bytes=a.chunk_mb << 20) as r:
+                return stream_reader_to_device(r, dev, chunk_bytes=a.chunk_mb << 20, slots=a.slots)
+        return run
+
+    def shm_staged(threads):
+        def run():
+            with ShmCheckpoint(shm / "bench") as ck:
+                return ck.to_device(dev, method="staged", threads=threads)
+        return run
+
+    held = {}
+
+    def shm_fresh():  # a new backend process: map, page-lock in place (pipelined with the copies), copy
+        ck = ShmCheckpoint(shm / "bench")
+        out = ck.to_device(dev, method="pinned")
+        held["ck"] = ck
+        return out
+
+    def shm_registered():  # the same mapping, already page-locked (steady state of a backend)
+        return held["ck"].to_device(dev, method="pinned")
+
+    # -- peers
+    from safetensors.torch import load_file as st_load
+
+    def safetensors_cuda():
+        out = {}
+        for s in shards:
+            out.update(st_load(s, device="cuda:0"))
+        return out
+
+    def runai():
+        from runai_model_streamer import SafetensorsStreamer
+
+        out = {}
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_files([str(s) for s in shards])
+            for name, t in streamer.get_tensors():
+                out[name] = t.to(dev, non_blocking=True)
+        return out
+
+    def fastsafe():
+        from fastsafetensors import fastsafe_open
+
+        out = {}
+        with fastsafe_open([str(s) for s in shards], device="cuda:0", nogds=True) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+
+    def hf_from_pretrained():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16, device_map="cuda:0")
+
+    def ours_model():
+        with ShmCheckpoint(shm / "bench") as ck:
+            return load_hf_model_from_shm(ck, dev, torch.bfloat16)
+
+    command = ["python", "-m", "tritonmoe.tools.bench_loader", *sys.argv[1:]]
+    print(f"command: {' '.join(command)}")
+    print(f"machine: {machine()}; GPU {torch.cuda.get_device_name(0)}; torch {torch.__version__}; checkpoint on "
+          f"{filesystem(converted)}, shm on {filesystem(shm)}")
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    print(f"checkpoint: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB), {len(index.tensors)} tensors, "
+          f"{len(index.experts)} experts, {len(shards)} safetensors shards, {len(partitions)} partitions; "
+          f"threads={a.threads}, chunk={a.chunk_mb} MiB, ring={a.slots} slots; prepared in {prep_s:.1f} s\n")
+    ceiling = host_to_gpu_pinned()
+    print(f"host->GPU pinned ceiling (1 GiB copies): {ceiling:.1f} GB/s")
+    print("| case | seconds | GB/s | note |\n| --- | --- | --- | --- |")
+    cold()
+    record("disk: dd bs=64M iflag=direct, cold", "disk", dd(True), how_cold["mode"])
+    cold()
+    record("disk: dd bs=64M buffered, cold", "disk", dd(False), how_cold["mode"])
+    cold()
+    t = time.perf_counter()
+    fill = shm_fill()
+    record("ours: disk -> DRAM cache (shm), O_DIRECT, cold", "ours", time.perf_counter() - t,
+           f"{'O_DIRECT' if fill.direct_io else 'buffered'}")
+    run_case("ours: DRAM cache -> GPU, new process (map + page-lock pipelined + copy)", "ours", shm_fresh,
+             lambda: None, 1)
+    run_case("ours: DRAM cache -> GPU, pinned (registered)", "ours", shm_registered, lambda: None, 5)
+    if "ck" in held:
+        held.pop("ck").close()
+    for threads in (8, 16):
+        run_case(f"ours: DRAM cache -> GPU, staged (pread shm -> pinned ring, {threads} threads)", "ours",
+                 shm_staged(threads), lambda: None, 3)
+    run_case("ours: page cache -> GPU (reader, pinned ring)", "ours", reader_stream(False),
+             warm_all(partitions), 3)
+    run_case("ours: cold -> GPU (reader O_DIRECT, pinned ring)", "ours", reader_stream(True), cold, 1)
+    run_case("safetensors load_file(device=cuda), warm", "peers", safetensors_cuda, warm_all(shards), 2)
+    run_case("safetensors load_file(device=cuda), cold", "peers", safetensors_cuda, cold, 1)
+    run_case("runai-model-streamer 0.16.1 (+ .to(cuda)), warm", "peers", runai, warm_all(shards), 2)
+    run_case("runai-model-streamer 0.16.1 (+ .to(cuda)), cold", "peers", runai, cold, 1)
+    run_case("fastsafetensors 0.5.0 (nogds), warm", "peers", fastsafe, warm_all(shards), 2)
+    run_case("fastsafetensors 0.5.0 (nogds), cold", "peers", fastsafe, cold, 1)
+    if not a.skip_models:
+        run_case("model: transformers from_pretrained(device_map=cuda), warm", "model", hf_from_pretrained,
+                 warm_all(shards), 1)
+        run_case("model: ours load_hf_model_from_shm(cuda), DRAM cache", "model", ours_model, lambda: None, 1)
+    dram_cache.remove(shm / "bench")
+    if a.json:
+        a.json.write_text(json.dumps({"command": " ".join(command), "machine": machine(),
+                                      "gpu": torch.cuda.get_device_name(0), "cold": how_cold["mode"],
+                                      "bytes": size, "ceiling_gbps": ceiling, "results": results}, indent=1))
+    return 0
+
+
+def gpu_check(a) -> int:
+    """Correctness on the GPU: greedy tokens of a tiny model loaded through the DRAM-cache path on cuda equal
+    transformers' own, and every tensor copied to the GPU equals its safetensors source bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tritonmoe.loader import dram_cache
+    from tritonmoe.loader.client import ShmCheckpoint
+    from tritonmoe.loader.hf_model import load_hf_model_from_shm
+    from tritonmoe.tools.tiny_models import TinySpec, build
+
+    root = a.dir / "check"
+    shm = ensure_shm(Path(a.shm_dir), 1 << 30)
+    ok = True
+    for arch, dtype in (("mixtral", torch.float32), ("qwen3_moe", torch.bfloat16)):
+        hf = build(TinySpec(arch=arch, layers=2), root / arch)
+        conv = convert(hf, root / f"{arch}-converted", progress=False).dest
+        dram_cache.remove(shm / arch)
+        dram_cache.fill(conv, shm / arch, threads=4, chunk_bytes=1 << 20)
+        tok = AutoTokenizer.from_pretrained(hf)
+        ids = tok("def fibonacci(n):", return_tensors="pt").input_ids.cuda()
+        ref = AutoModelForCausalLM.from_pretrained(hf, dtype=dtype).cuda().eval()
+        want = ref.generate(ids, max_new_tokens=12, do_sample=False)
+        with ShmCheckpoint(shm / arch) as ck:
+            src = {}
+            for f in hf.glob("*.safetensors"):
+                src.update(load_file(f))
+            bits = True
+            for method in ("staged", "pinned"):
+                gpu = ck.to_device("cuda:0", method=method)
+                bits &= all(gpu[n].cpu().reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8))
+                            for n, t in src.items())
+                del gpu
+            model = load_hf_model_from_shm(ck, "cuda:0", dtype).eval()
+            got = model.generate(ids, max_new_tokens=12, do_sample=False)
+            off = load_hf_model_from_shm(ck, "cuda:0", dtype, experts_device="cpu")
+            placement = {p.device.type for n, p in off.named_parameters() if "experts" in n} == {"cpu"} and \
+                {p.device.type for n, p in off.named_parameters() if "experts" not in n} == {"cuda"}
+        same = torch.equal(want, got)
+        print(f"gpu check {arch} {dtype}: bits equal {bits}, greedy tokens equal {same}, experts_device=cpu "
+              f"placement {placement}")
+        ok &= bits and same and placement
+        dram_cache.remove(shm / arch)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
