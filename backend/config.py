@@ -76,13 +76,14 @@ class EngineConfig:
     default_max_tokens: int = 16
     report_metrics: bool = True
     offload: object | None = None  # OffloadConfig when experts are offloaded
+    loader_url: str | None = None  # load through the loader service there; checkpoint may be a registered name
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], model_dir: str | None = None) -> "EngineConfig":
         from tritonmoe.backend.offload.config import PARAMETER_KEYS
 
         known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics",
-                 *PARAMETER_KEYS.values()}
+                 "loader_url", *PARAMETER_KEYS.values()}
         unknown = sorted(set(params) - known - TRITON_KEYS)
         if unknown:
             raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -92,8 +93,12 @@ class EngineConfig:
         dtype = params.get("dtype", "auto").strip()
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"parameter 'dtype' must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        loader_url = params.get("loader_url", "").strip() or None
+        checkpoint = resolve_checkpoint(params["checkpoint"].strip(), model_dir)
+        if loader_url and not checkpoint.exists() and "/" not in params["checkpoint"].strip():
+            checkpoint = Path(params["checkpoint"].strip())  # a model name registered at the loader
         return cls(
-            checkpoint=resolve_checkpoint(params["checkpoint"].strip(), model_dir),
+            checkpoint=checkpoint,
             dtype=dtype,
             max_num_seqs=parse_int("max_num_seqs", params.get("max_num_seqs", "8"), 1),
             max_model_len=(parse_int("max_model_len", params["max_model_len"], 2)
@@ -101,6 +106,7 @@ class EngineConfig:
             default_max_tokens=parse_int("default_max_tokens", params.get("default_max_tokens", "16"), 1),
             report_metrics=parse_bool("report_metrics", params.get("report_metrics", "true")),
             offload=offload_config(params),
+            loader_url=loader_url,
         )
 
 

@@ -45,6 +45,8 @@ def _phase(phases: dict[str, float], name: str):
 
 
 def load_for_serving(cfg: EngineConfig, device: torch.device) -> LoadedModel:
+    if cfg.loader_url:
+        return _load_through_loader(cfg, device)
     phases: dict[str, float] = {}
     path = cfg.checkpoint
     converted = path.is_dir() and is_converted(path)
@@ -79,3 +81,57 @@ def _load_converted(path: Path, device: torch.device, dtype: str) -> torch.nn.Mo
         return load_hf_model(path, device, torch_dtype).eval()
     except FormatError as e:
         raise CheckpointError(f"cannot load the converted checkpoint {path}: {e}") from e
+
+
+# ---- through the per-host loader service (config parameter `loader_url`) -------------------------------------------
+def _loader_model_name(client, checkpoint: Path) -> str:
+    """A converted folder is registered under its folder name plus a hash of its path (so two folders of the same
+    name never collide); anything else is taken as the name of a model already registered at the loader."""
+    import hashlib
+    import re
+
+    if checkpoint.is_dir():
+        folder = checkpoint.resolve()
+        stem = re.sub(r"[^A-Za-z0-9._-]", "-", folder.name).lstrip(".-_")[:100] or "model"
+        name = f"{stem}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+        client.register(name, folder)
+        return name
+    return str(checkpoint)
+
+
+def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel:
+    """Weights from the loader's DRAM cache (shared memory mapped here): non-expert weights to ``device`` by pinned,
+    pipelined copies; with offloading the experts are read from the mapping into the host tier."""
+    from tritonmoe.loader.client import LoaderClient, LoaderError, ShmCheckpoint
+    from tritonmoe.loader.format import CheckpointError as FormatError
+    from tritonmoe.loader.hf_model import load_hf_model_from_shm
+
+    phases: dict[str, float] = {}
+    client = LoaderClient(cfg.loader_url)
+    try:
+        with _phase(phases, "dram_fill"):  # register if needed, then wait until the model is in the DRAM cache
+            name = _loader_model_name(client, cfg.checkpoint)
+            status = client.load(name)
+        with _phase(phases, "index_read"):  # read the index and map the partitions
+            ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+        config = check_folder(ckpt.path, weights_glob="*.bin")
+        torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
+        experts_device = torch.device("cpu") if cfg.offload is not None else device
+        model = load_hf_model_from_shm(ckpt, device, torch_dtype, experts_device=experts_device,
+                                       phases=phases).eval()  # adds gpu_copy and build
+    except (LoaderError, FormatError) as e:
+        raise CheckpointError(f"cannot load {cfg.checkpoint} through the loader at {cfg.loader_url}: {e}") from e
+    offloader = None
+    if cfg.offload is not None:
+        from tritonmoe.backend.offload import attach_offloading
+
+        with _phase(phases, "offload_setup"):
+            try:
+                offloader = attach_offloading(model, cfg.offload, device=device)
+            except ValueError as e:
+                raise CheckpointError(f"cannot offload the experts of {cfg.checkpoint}: {e}") from e
+    with _phase(phases, "tokenizer"):
+        tokenizer = load_tokenizer(ckpt.path)  # the DRAM copy carries the tokenizer files
+    log.info("loaded %s through the loader %s (%s): %s", cfg.checkpoint, cfg.loader_url, ckpt.path,
+             ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
+    return LoadedModel(model, tokenizer, offloader, "tritonmoe-loader", phases)

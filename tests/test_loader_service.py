@@ -45,8 +45,9 @@ class Loader:
         self.proc = None
         self.log = root.parent / f"{root.name}.log"
 
-    def start(self) -> "Loader":
-        self.port = free_port()
+    def start(self, same_port: bool = False) -> "Loader":
+        if not (same_port and getattr(self, "port", None)):
+            self.port = free_port()
         cmd = [sys.executable, "-m", "tritonmoe.loader.service", "--root", str(self.root), "--dram-budget",
                self.dram, "--disk-budget", self.disk, "--port", str(self.port), "--shm-dir", str(self.shm),
                *self.extra]
@@ -459,3 +460,48 @@ def test_shm_checkpoint_views_and_expert_ranges(loaders, ckpts):
             assert torch.equal(other.tensor("model.norm.weight"), ref["model.norm.weight"])
         spans = ck.spans(ck.non_expert_names())
         assert all(s % 4096 == 0 for _, s, _ in spans) and len(spans) <= len(index.partitions)
+
+
+# ---- the backend through the loader (backend/weights.py, config parameter loader_url) ---------------------------
+def test_backend_load_for_serving_through_the_loader(loaders, ckpts, reference):
+    from transformers import AutoTokenizer
+
+    from tritonmoe.backend.checkpoint import CheckpointError as BackendCheckpointError
+    from tritonmoe.backend.config import EngineConfig
+    from tritonmoe.backend.weights import load_for_serving
+
+    loader = loaders()
+    prompt = "import os\nimport"
+    want, _ = reference(ckpts["tiny_hf"], prompt, 10)
+    by_path = EngineConfig.from_parameters({"checkpoint": str(ckpts["tiny"]), "loader_url": loader.client.url})
+    loaded = load_for_serving(by_path, torch.device("cpu"))
+    assert loaded.layout == "tritonmoe-loader" and loaded.offloader is None
+    assert set(loaded.phases) >= {"dram_fill", "index_read", "gpu_copy", "build", "tokenizer"}
+    ids = AutoTokenizer.from_pretrained(ckpts["tiny"])(prompt, return_tensors="pt").input_ids
+    got = loaded.model.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got == want
+    [registered] = loader.client.status()["models"]  # registered under folder name + path hash
+    assert registered["name"].startswith("tiny-") and registered["source"] == str(ckpts["tiny"].resolve())
+    # the checkpoint parameter may name a model registered at the loader; a second backend reads nothing again
+    by_name = EngineConfig.from_parameters({"checkpoint": registered["name"], "loader_url": loader.client.url,
+                                            "expert_cache_budget": "50%"})
+    offloaded = load_for_serving(by_name, torch.device("cpu"))
+    assert offloaded.offloader is not None and "offload_setup" in offloaded.phases
+    assert offloaded.offloader.stats()["host_bytes"] > 0
+
+    def announce(module, args, kwargs):  # what the serving engine does before each forward
+        rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        offloaded.offloader.begin_forward(["r"], "prefill" if rows.shape[1] > 1 else "decode")
+
+    offloaded.model.register_forward_pre_hook(announce, with_kwargs=True)
+    with torch.no_grad():
+        got = offloaded.model.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got == want
+    assert loader.client.status(registered["name"])["dram_fills"] == 1
+    missing = EngineConfig.from_parameters({"checkpoint": "not-registered", "loader_url": loader.client.url})
+    with pytest.raises(BackendCheckpointError, match="'not-registered' is not registered"):
+        load_for_serving(missing, torch.device("cpu"))
+    down = EngineConfig.from_parameters({"checkpoint": str(ckpts["tiny"]),
+                                         "loader_url": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(BackendCheckpointError, match="cannot reach the loader"):
+        load_for_serving(down, torch.device("cpu"))
