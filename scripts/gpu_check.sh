@@ -14,10 +14,12 @@ timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py te
 stage "main job, KIND_GPU"
 timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --log "$out/serve_gpu.server.log" 2>&1 | tee "$out/serve_gpu.log" | grep -v "^$" | tail -6
 stage "main job, KIND_GPU, experts offloaded (25%)"
-timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --param expert_cache_budget=25% 2>&1 | tee "$out/serve_gpu_offload.log" | grep -v "^$" | tail -4
+timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --param expert_cache_budget=25% \
+  --log "$out/serve_gpu_offload.server.log" 2>&1 | tee "$out/serve_gpu_offload.log" | grep -v "^$" | tail -4
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 stage "serving benchmark"
 timeout ${BENCH_TIMEOUT:-330} python3 -m tritonmoe.tools.bench_serving --device gpu --hidden 2048 --heads 16 --kv-heads 4 \
   --layers 8 --experts 16 --top-k 2 --expert-ffn 1408 --dtype bfloat16 --repeat 2 --interval 2 \
   --plot --plot-path "$out/serving_gpu.png" --out "$out/bench_serving_gpu.json" --workdir /tmp/bench-work 2>&1 \
   | tee "$out/bench_serving_gpu.log" | tail -25
+tail -c 20000 /tmp/bench-work/tritonserver.log > "$out/bench_server_tail.log" 2>/dev/null

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Build .gpu/: what the GPU machine lacks to serve through Triton, small enough to travel with the working tree
-# (64 MiB per call). That machine has Python 3.12, torch and numpy 2 but no tritonserver, and Triton 2.51's Python
-# stub needs numpy<2. We carry: a trimmed server (the 3.12 stub only, no bundled libpython), perf_analyzer, and a
-# numpy 1.26 wheel. On the GPU machine: `source scripts/gpu_env.sh`.
+# (64 MiB per call). That machine has Python 3.12, torch and numpy 2 but no tritonserver. We carry a trimmed server
+# (the 3.12 stub only, no bundled libpython), perf_analyzer and tritonclient's Python modules. On the GPU machine: `source scripts/gpu_env.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,7 +19,8 @@ find "$stage/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1
 cp -r "$site/nvidia_pytriton.libs" "$stage/"
 rm -f "$stage"/nvidia_pytriton.libs/libpython3-*  # pytriton's own interpreter; the stub links the system one
 cp "$bin/perf_analyzer" "$stage/bin/"
-tar -C "$stage" -cJf "$out/triton-runtime.tar.xz" pytriton nvidia_pytriton.libs bin
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out" "numpy==1.26.4"
+# the pure-Python clients (model config protobufs, gRPC client); their HTTP client's gevent is not carried
+cp -r "$site/tritonclient" "$stage/"
+find "$stage/tritonclient" -name __pycache__ -prune -exec rm -rf {} +
+tar -C "$stage" -cJf "$out/triton-runtime.tar.xz" pytriton nvidia_pytriton.libs bin tritonclient
 du -ch "$out"/* | tail -1
