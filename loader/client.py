@@ -95,7 +95,22 @@ class LoaderClient:
 
     def ensure_loaded(self, name: str) -> "ShmCheckpoint":
         status = self.load(name)
-        return ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+        ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+        if status.get("gpu_copy"):
+            ckpt.loader = (self, name)  # to_device may ask the loader to do the copies
+        return ckpt
+
+    def copy_to_device(self, name: str, spans: list[tuple[int, int, int]], device) -> list[torch.Tensor]:
+        """Allocate one device buffer per (partition, start, end) span and have the loader (started with
+        ``--gpu-copy``) fill them from its page-locked DRAM copy through CUDA IPC. Returns the filled buffers."""
+        from .gpu_copy_server import share_cuda_buffer
+
+        buffers = [torch.empty(end - start, dtype=torch.uint8, device=device) for _, start, end in spans]
+        targets = [dict(share_cuda_buffer(buf), spans=[[p, start, end, 0]])
+                   for buf, (p, start, end) in zip(buffers, spans)]
+        torch.cuda.synchronize(device)  # the allocations exist before another process writes into them
+        self._request("POST", f"/v1/models/{urllib.parse.quote(name, safe='')}/copy", {"targets": targets})
+        return buffers
 
     def evict(self, name: str, tier: str = "dram") -> dict:
         return self._request("POST", f"/v1/models/{urllib.parse.quote(name, safe='')}/evict?tier={tier}")
@@ -123,6 +138,7 @@ class ShmCheckpoint:
         self.partitions: list[torch.Tensor] = []
         self._maps: list[mmap.mmap] = []
         self._registry = None
+        self.loader: tuple[LoaderClient, str] | None = None  # set by ensure_loaded when the loader copies to GPUs
         for number, size in enumerate(self.index.partitions):
             file = self.path / partition_file_name(number)
             with open(file, "rb") as f:
@@ -235,10 +251,12 @@ class ShmCheckpoint:
         """``names`` (default all) as tensors on ``device``: the covering spans are copied into one device buffer
         each and the tensors are views into those; copies run on a side stream in large chunks.
 
-        ``method`` (CUDA): "pinned" copies straight from the shared memory, page-locking chunks in place (pipelined
+        ``method`` (CUDA): "loader" has the loader service copy from its page-locked memory into buffers allocated
+        here (CUDA IPC; loaders started with ``--gpu-copy``); "pinned" copies straight from the shared memory, page-locking chunks in place (pipelined
         with the copies) unless :meth:`pin` did; "staged" preads the shared-memory files on ``threads`` threads
-        into a ring of pinned buffers, each copied while the next are filled; "auto" is "pinned" when the mapping
-        is already page-locked and "staged" otherwise, the faster of the two where page-locking is slow."""
+        into a ring of pinned buffers, each copied while the next are filled; "auto" is "loader" where the loader
+        offers it, else "pinned" when the mapping is already page-locked, else "staged" (faster than page-locking
+        in this process where page-locking is slow)."""
         device = torch.device(device)
         names = list(self.index.tensors if names is None else names)
         if device.type != "cuda":
@@ -248,9 +266,15 @@ class ShmCheckpoint:
 
         chunk_bytes = chunk_bytes or DEFAULT_COPY_CHUNK
         if method == "auto":
-            method = "pinned" if self.pinned else "staged"
+            method = "loader" if self.loader is not None else "pinned" if self.pinned else "staged"
         spans = self.spans(names)
-        if method == "pinned":
+        if method == "loader":
+            if self.loader is None:
+                raise ValueError("method='loader' needs a checkpoint from LoaderClient.ensure_loaded of a loader "
+                                 "started with --gpu-copy")
+            client, model = self.loader
+            buffers = client.copy_to_device(model, spans, device)
+        elif method == "pinned":
             if self._registry is None:
                 self._registry = PinnedRegistry()
             buffers = copy_spans_to_device([(self.partitions[p], s, e) for p, s, e in spans], device,

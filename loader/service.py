@@ -18,6 +18,7 @@ HTTP API (JSON; every route but ``/health`` needs ``Authorization: Bearer <token
     GET    /v1/models/{name}                  status: tier, bytes, load times, counters
     POST   /v1/models/{name}/load             make it DRAM-resident; answers when it is (or with the error)
     POST   /v1/models/{name}/evict?tier=dram|disk   drop a tier (disk implies dram for remote models)
+    POST   /v1/models/{name}/copy             (--gpu-copy) copy byte spans into a backend's GPU buffers (CUDA IPC)
     DELETE /v1/models/{name}                  unregister (and evict)
 
 Concurrent loads of one model share one read: the first request starts the load as a task that a client's
@@ -120,7 +121,7 @@ class Model:
 class LoaderService:
     def __init__(self, root: Path, dram_budget: int, disk_budget: int, shm_dir: Path, *, token: str | None = None,
                  threads: int = DEFAULT_THREADS, chunk_bytes: int = DEFAULT_CHUNK_BYTES, direct: bool = True,
-                 verify: bool = True, remote_timeout: float = 30.0):
+                 verify: bool = True, remote_timeout: float = 30.0, gpu_copy: bool = False):
         self.root, self.shm_dir = Path(root), Path(shm_dir)
         self.disk_dir = self.root / "disk"
         self.dram_budget, self.disk_budget = dram_budget, disk_budget
@@ -128,6 +129,11 @@ class LoaderService:
         self.threads, self.chunk_bytes, self.direct, self.verify = threads, chunk_bytes, direct, verify
         self.remote_timeout = remote_timeout
         self.models: dict[str, Model] = {}
+        self.gpu = None
+        if gpu_copy:
+            from .gpu_copy_server import GpuCopier
+
+            self.gpu = GpuCopier()
         # Loads of different models run side by side; each uses the reader's own pool for its parallel preads.
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="tritonmoe-load")
         self._reserved: dict[str, int] = {}  # DRAM bytes promised to loads in flight
@@ -218,6 +224,7 @@ class LoaderService:
             "in_dram": model.in_dram,
             "on_disk": (not model.remote) or model.on_disk,
             "shm_path": str(self.shm_dir / model.name) if model.in_dram else None,
+            "gpu_copy": self.gpu is not None,  # POST .../copy is served
             "disk_path": str(self.disk_path(model)) if (not model.remote or model.on_disk) else None,
             "load_seconds": model.times,
             "direct_io": model.direct_io,
@@ -287,6 +294,8 @@ class LoaderService:
                                          chunk_bytes=self.chunk_bytes, direct=self.direct, verify=self.verify)
             finally:
                 self._reserved.pop(model.name, None)
+            if self.gpu is not None:  # page-lock once here, so backends' GPU copies run at PCIe speed
+                times["pin"] = await self._run(self.gpu.pin, model.name, dest)
             model.index, model.in_dram, model.direct_io = result.index, True, result.direct_io
             model.reads += 1
             model.last_used = model.disk_used = time.time()
@@ -346,6 +355,8 @@ class LoaderService:
     async def _evict_dram(self, model: Model) -> None:
         if not model.in_dram:
             return
+        if self.gpu is not None:
+            await self._run(self.gpu.unpin, model.name)
         await self._run(dram_cache.remove, self.shm_dir / model.name)
         model.in_dram = False
         self.m_evictions.labels("dram").inc()
@@ -373,6 +384,7 @@ class LoaderService:
             web.delete("/v1/models/{name}", self.h_unregister),
             web.post("/v1/models/{name}/load", self.h_load),
             web.post("/v1/models/{name}/evict", self.h_evict),
+            web.post("/v1/models/{name}/copy", self.h_copy),
         ])
         app.on_shutdown.append(lambda _: self._shutdown())
         return app
@@ -454,6 +466,25 @@ class LoaderService:
         await self.ensure_loaded(model)
         return web.json_response(self.status(model))
 
+    async def h_copy(self, request):
+        model = self._model(request)
+        if self.gpu is None:
+            raise _error(web.HTTPNotImplemented, "this loader does not copy to GPUs (start it with --gpu-copy)")
+        if not model.in_dram:
+            raise _error(web.HTTPConflict, f"model {model.name!r} is not in the DRAM cache; load it first")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise _error(web.HTTPBadRequest, "body must be JSON") from None
+        model.last_used = time.time()
+        try:
+            result = await self._run(self.gpu.copy, model.name, self.shm_dir / model.name, body)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise _error(web.HTTPBadRequest, f"bad copy request: {e}") from None
+        except RuntimeError as e:  # CUDA errors
+            raise _error(web.HTTPInternalServerError, f"GPU copy failed: {e}") from None
+        return web.json_response(result)
+
     async def h_evict(self, request):
         model = self._model(request)
         tier = request.query.get("tier", "dram")
@@ -497,15 +528,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of DRAM fills")
     p.add_argument("--remote-timeout", type=float, default=30.0,
                    help="seconds a remote may stall (connect or between bytes) before the load fails")
+    p.add_argument("--gpu-copy", action="store_true",
+                   help="page-lock DRAM-cache models and copy them into backends' GPU memory (CUDA IPC); needs "
+                        "torch with CUDA")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     prometheus_client.disable_created_metrics()  # one series per counter, not a *_created twin each
     token = a.token_file.read_text().strip() if a.token_file else os.environ.get("TRITONMOE_LOADER_TOKEN") or None
     shm_dir = a.shm_dir or Path(f"/dev/shm/tritonmoe-loader-{a.port}")
-    service = LoaderService(a.root, a.dram_budget, a.disk_budget, shm_dir, token=token, threads=a.threads,
-                            chunk_bytes=a.chunk_mb << 20, direct=not a.buffered, verify=not a.no_verify,
-                            remote_timeout=a.remote_timeout)
+    try:
+        service = LoaderService(a.root, a.dram_budget, a.disk_budget, shm_dir, token=token, threads=a.threads,
+                                chunk_bytes=a.chunk_mb << 20, direct=not a.buffered, verify=not a.no_verify,
+                                remote_timeout=a.remote_timeout, gpu_copy=a.gpu_copy)
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 2
     service.start()
     log.info("loader service on http://%s:%d (DRAM budget %.2f GiB in %s, disk budget %.2f GiB in %s%s)", a.host,
              a.port, a.dram_budget / 2**30, shm_dir, a.disk_budget / 2**30, service.disk_dir,

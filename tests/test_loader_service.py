@@ -505,3 +505,20 @@ def test_backend_load_for_serving_through_the_loader(loaders, ckpts, reference):
                                          "loader_url": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(BackendCheckpointError, match="cannot reach the loader"):
         load_for_serving(down, torch.device("cpu"))
+
+
+def test_gpu_copy_needs_a_gpu_and_the_flag(loaders, ckpts, tmp_path):
+    # without --gpu-copy the copy route is refused clearly and status says so
+    c = loaders().client
+    c.register("tiny", ckpts["tiny"])
+    assert c.load("tiny")["gpu_copy"] is False
+    with pytest.raises(LoaderError, match="start it with --gpu-copy") as e:
+        c._request("POST", "/v1/models/tiny/copy", {"targets": []})
+    assert e.value.status == 501
+    if torch.cuda.is_available():
+        return
+    # on a machine without a GPU, asking for GPU copies is a clear start-up error, not a traceback
+    r = subprocess.run([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(tmp_path / "r"),
+                        "--dram-budget", "1GiB", "--disk-budget", "1GiB", "--port", str(free_port()), "--shm-dir",
+                        str(tmp_path / "shm"), "--gpu-copy"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--gpu-copy needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
