@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition-gb", type=int, default=2)
     p.add_argument("--skip-models", action="store_true", help="--gpu: skip the whole-model rows")
     p.add_argument("--json", type=Path, default=None, help="--gpu: also write the results here")
+    p.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS_JSON", "PNG"),
+                   help="only draw the chart of a --gpu run's --json results")
     a = p.parse_args(argv)
+    if a.plot:
+        plot(*a.plot)
+        return 0
     if a.gpu_check:
         return gpu_check(a)
     if a.gpu:
@@ -569,6 +574,30 @@ def ipc_bits_equal(a, conv: Path, shm: Path, src: dict) -> bool:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(shm / "check-svc", ignore_errors=True)
+
+
+def plot(results_json: Path, out: Path) -> None:
+    """A horizontal bar chart (GB/s) of a --gpu run's results, ours and the peers side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = json.loads(Path(results_json).read_text())
+    rows = [r for r in doc["results"] if "gbps" in r and r["group"] != "service" and r["gbps"] == r["gbps"]]
+    colors = {"disk": "#888888", "ours": "#1f77b4", "peers": "#ff7f0e", "model": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.4))
+    ax.barh(range(len(rows)), [r["gbps"] for r in rows], color=[colors.get(r["group"], "#333") for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(r["gbps"] + 0.4, i, f"{r['gbps']:.1f}", va="center", fontsize=8)
+    ax.axvline(doc["ceiling_gbps"], color="k", ls="--", lw=0.8)
+    ax.text(doc["ceiling_gbps"], -0.9, f"pinned H2D {doc['ceiling_gbps']:.0f} GB/s", fontsize=8, ha="right")
+    ax.set_yticks(range(len(rows)), [r["case"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s to cuda:0 (higher is better)")
+    ax.set_title(f"{doc['bytes'] / 1e9:.1f} GB bf16 checkpoint onto {doc['gpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def gpu_check(a) -> int:
