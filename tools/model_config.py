@@ -7,10 +7,29 @@ import json
 from pathlib import Path
 
 
+def _model_config_pb2():
+    """tritonclient's generated ``ModelConfig`` message, loaded from its file: importing ``tritonclient.grpc``
+    would pull in the whole gRPC client (and fail where only the protobufs are needed, e.g. without rapidjson)."""
+    import importlib.util
+    import sys
+
+    name = "tritonmoe_model_config_pb2"
+    if name not in sys.modules:
+        root = importlib.util.find_spec("tritonclient")
+        if root is None or not root.submodule_search_locations:
+            raise ImportError("tritonclient is not installed (pip install tritonclient[all]==2.51.0)")
+        path = Path(list(root.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def read_config(model_dir: str | Path) -> dict:
     from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
 
+    model_config_pb2 = _model_config_pb2()
     text = (Path(model_dir) / "config.pbtxt").read_text()
     message = text_format.Parse(text, model_config_pb2.ModelConfig())
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
