@@ -12,7 +12,9 @@ stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 stage "GPU tests"
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_offload_cuda.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
 stage "main job, KIND_GPU"
-timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --log "$out/serve_gpu.server.log" 2>&1 | tee "$out/serve_gpu.log" | grep -v "^$" | tail -6
+set -o pipefail
+timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --log "$out/serve_gpu.server.log" 2>&1 \
+  | tee "$out/serve_gpu.log" | grep -v "^$" | tail -6 || { echo "main job failed: stopping here"; exit 1; }
 stage "main job, KIND_GPU, experts offloaded (25%)"
 timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --param expert_cache_budget=25% \
   --log "$out/serve_gpu_offload.server.log" 2>&1 | tee "$out/serve_gpu_offload.log" | grep -v "^$" | tail -4

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .gpu/: what the GPU machine lacks to serve through Triton, small enough to travel with the working tree
 # (64 MiB per call). That machine has Python 3.12, torch and numpy 2 but no tritonserver. We carry a trimmed server
-# (the 3.12 stub only, no bundled libpython), perf_analyzer, tritonclient's Python modules and a numpy 2.4 wheel. On the GPU machine: `source scripts/gpu_env.sh`.
+# (the 3.12 stub only, no bundled libpython), perf_analyzer, tritonclient's Python modules and a numpy 1.26 wheel. On the GPU machine: `source scripts/gpu_env.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,10 +23,10 @@ cp "$bin/perf_analyzer" "$stage/bin/"
 cp -r "$site/tritonclient" "$stage/"
 find "$stage/tritonclient" -name __pycache__ -prune -exec rm -rf {} +
 tar -C "$stage" -cJf "$out/triton-runtime.tar.xz" pytriton nvidia_pytriton.libs bin tritonclient
-# Triton 2.51's stub (pybind11 2.10) builds input arrays through numpy's C API: numpy 2.5 (that machine's) hands it
-# garbage for BYTES inputs, numpy 2.4 and older work. 2.4 also satisfies that machine's scipy and scikit-learn.
+# Triton 2.51's stub (pybind11 2.10) builds input arrays through numpy's C API and misreads BYTES inputs under numpy
+# 2.x there (seen with 2.4 and 2.5 on Python 3.12): carry numpy 1.26. gpu_env.sh hides that machine's scipy and
+# scikit-learn, which need numpy 2 and which transformers imports only when they are installed.
 rm -f "$out"/numpy-*.whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  -d "$out" "numpy==2.4.6"
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out" "numpy==1.26.4"
 du -ch "$out"/* | tail -1
