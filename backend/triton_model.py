@@ -130,7 +130,8 @@ class TritonPythonModel:
         offload = "" if self.offloader is None else (
             f", experts offloaded (cache {self.offloader.num_slots} slots = {self.cfg.offload.cache_budget}, "
             f"eviction {self.cfg.offload.eviction}, prefetch {self.cfg.offload.prefetch})")
-        log.info(f"model '{self.name}' ready on {self.device} ({next(model.parameters()).dtype}): "
+        log.info(f"model '{self.name}' ready on {self.device} ({next(model.parameters()).dtype}; torch "
+                 f"{torch.__version__}, numpy {np.__version__} from {np.__file__}): "
                  f"{loaded.layout} checkpoint {self.cfg.checkpoint} ({phases}), "
                  f"max_num_seqs={self.cfg.max_num_seqs}, max_model_len={self.max_model_len}{offload}")
 
