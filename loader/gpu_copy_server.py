@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .device_copy import DEFAULT_COPY_CHUNK
+
 log = logging.getLogger("tritonmoe.loader")
 
 
@@ -105,10 +107,13 @@ class GpuCopier:
                     dst = _open_cuda_buffer(target, device)
                     opened.append(dst)
                     for partition, lo, hi, dest in target["spans"]:
-                        src = ck.partitions[partition][lo:hi]
                         if dest < 0 or dest + (hi - lo) > dst.numel():
                             raise ValueError(f"span [{lo}, {hi}) of partition {partition} does not fit the buffer")
-                        dst[dest:dest + hi - lo].copy_(src, non_blocking=True)
+                        # one copy per page-locked piece: a copy spanning two registrations fails (invalid value)
+                        grid = DEFAULT_COPY_CHUNK
+                        for g in range(lo // grid * grid, hi, grid):
+                            a, b = max(lo, g), min(hi, g + grid)
+                            dst[dest + a - lo:dest + b - lo].copy_(ck.partitions[partition][a:b], non_blocking=True)
                         total += hi - lo
             stream.synchronize()
             del opened

@@ -22,18 +22,28 @@ log = logging.getLogger("tritonmoe.loader")
 
 
 def build_hf_model(config_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
-                   device: str | torch.device | None = "cpu", dtype: torch.dtype | str = "auto"):
+                   device: str | torch.device | None = "cpu", dtype: torch.dtype | str = "auto",
+                   device_map: dict[str, str] | None = None):
     """The causal-LM model described by ``config_dir``'s config.json, its weights taken from ``state_dict`` (HF
-    names), moved to ``device`` (None: leave each weight where its state-dict tensor is), in ``dtype``."""
+    names), moved to ``device`` (None: leave each weight where transformers put it), in ``dtype``.
+
+    ``device_map`` (module prefix -> device) makes transformers place each weight there as it builds the model;
+    without one it builds on the CPU, so weights already on a GPU would go to the host and back."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 
     config_dir = Path(config_dir)
     config = AutoConfig.from_pretrained(config_dir)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class does not accept a None path
-    # Built from the given tensors and then moved: a device_map would need `accelerate`, which tritonmoe does not
-    # depend on.
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                              output_loading_info=True)
+    kwargs = dict(config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True)
+    try:
+        model, info = model_class.from_pretrained(None, **kwargs, **({"device_map": device_map} if device_map
+                                                                     else {}))
+    except (ImportError, ValueError) as e:  # transformers versions that want `accelerate` for a device_map
+        if not device_map:
+            raise
+        log.warning("from_pretrained with a device_map failed (%s); building on the CPU and moving", e)
+        model, info = model_class.from_pretrained(None, **kwargs)
+        device = device or next(iter(device_map.values()))
     # from_pretrained would only warn and initialise missing weights randomly; a server must not run like that.
     incomplete = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
     if incomplete:
@@ -79,9 +89,14 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
         torch.cuda.synchronize(device)
     phases["gpu_copy"] = time.perf_counter() - t
     t = time.perf_counter()
-    # device=None: every weight stays where its tensor was put above; modules' own buffers (rotary tables) are
-    # created on the CPU and follow the non-expert weights below.
-    model = build_hf_model(checkpoint.path, state_dict, None, dtype)
+    # The device_map keeps every weight where its tensor was put above (experts containers on experts_device);
+    # modules' own buffers (rotary tables) follow the non-expert weights below.
+    device_map = None
+    if "cuda" in (device.type, experts_device.type):  # on the CPU, building there is what a device_map would do
+        device_map = {"": str(device)}
+        if experts_device != device:
+            device_map.update({e.module: str(experts_device) for e in checkpoint.index.experts})
+    model = build_hf_model(checkpoint.path, state_dict, None, dtype, device_map=device_map)
     del state_dict
     if experts_device == device:
         model = model.to(device)

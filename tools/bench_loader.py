@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=16, help="pinned staging buffers for --gpu")
     p.add_argument("--partition-gb", type=int, default=2)
     p.add_argument("--skip-models", action="store_true", help="--gpu: skip the whole-model rows")
+    p.add_argument("--only-service", action="store_true", help="--gpu: only the model and loader-service rows")
     p.add_argument("--json", type=Path, default=None, help="--gpu: also write the results here")
     p.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS_JSON", "PNG"),
                    help="only draw the chart of a --gpu run's --json results")
@@ -439,6 +440,19 @@ def gpu_main(a) -> int:
     ceiling = host_to_gpu_pinned()
     print(f"host->GPU pinned ceiling (1 GiB copies): {ceiling:.1f} GB/s")
     print("| case | seconds | GB/s | note |\n| --- | --- | --- | --- |")
+    if a.only_service:  # a second run for the loader-service rows alone (same checkpoint, same machine)
+        run_case("model: transformers from_pretrained(device_map=cuda), warm", "model", hf_from_pretrained,
+                 warm_all(shards), 1)
+        shm_fill()
+        run_case("model: ours load_hf_model_from_shm(cuda), DRAM cache, staged", "model", ours_model,
+                 lambda: None, 1)
+        dram_cache.remove(shm / "bench")
+        service_rows(a, converted, shm, size, run_case, record, dev)
+        if a.json:
+            a.json.write_text(json.dumps({"command": " ".join(command), "machine": machine(),
+                                          "gpu": torch.cuda.get_device_name(0), "cold": how_cold["mode"],
+                                          "bytes": size, "ceiling_gbps": ceiling, "results": results}, indent=1))
+        return 0
     cold()
     record("disk: dd bs=64M iflag=direct, cold", "disk", dd(True), how_cold["mode"])
     cold()
