@@ -1,20 +1,25 @@
 # Source on the GPU machine, from the repository root, after scripts/gpu_payload.sh built .gpu/ here and the call
-# carried it (`carry: [".gpu"]`): unpacks the Triton runtime and makes this checkout importable as `tritonmoe`
-# without installing it. numpy 1.26 goes first on the path: the Triton 2.51 stub misreads BYTES inputs under numpy 2
-# on that machine; its scipy and scikit-learn need numpy 2, so a sitecustomize hides them (transformers imports
-# them only when present).
+# carried it (`carry: [".gpu"]`): unpacks the Triton runtime, makes a venv layered over the machine's packages
+# with numpy 1.26 in front, and makes this checkout importable as `tritonmoe` without installing it.
+#
+# Why a venv and not PYTHONPATH: Triton 2.51's stub (pybind11 2.10) misreads BYTES inputs under numpy 2 (every
+# element stride 0), and the stub ignores PYTHONPATH: its interpreter takes its packages from the first python on
+# PATH. That machine's scipy and scikit-learn need numpy 2, so a sitecustomize hides them (transformers imports
+# them only when present; nothing we serve uses them).
 root=/tmp/tritonmoe-gpu
 stamp=$(cat .gpu/* | cksum)
 if [ "$stamp" != "$(cat "$root/payload.cksum" 2>/dev/null)" ]; then  # a warm machine may hold an older one
   rm -rf "$root" && mkdir -p "$root"
   tar -C "$root" -xJf .gpu/triton-runtime.tar.xz
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$root/site" .gpu/numpy-*.whl
-  # sys.modules[name] = None makes `import name` fail and importlib.util.find_spec(name) return None, so
-  # transformers treats them as not installed (they need numpy 2; we serve nothing that uses them)
+  base=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  python3 -m venv --without-pip "$root/venv"
+  site=$("$root/venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/numpy-*.whl
+  echo "$base" > "$site/zz_machine_packages.pth"  # after the venv's own numpy
   printf 'import sys\nfor _name in ("scipy", "sklearn"):\n    sys.modules.setdefault(_name, None)\n' \
-    > "$root/site/sitecustomize.py"
+    > "$site/sitecustomize.py"
   echo "$stamp" > "$root/payload.cksum"
 fi
-export PYTHONPATH="$root/site:$root:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$root/bin:$PATH"
+export PATH="$root/venv/bin:$root/bin:$PATH"
+export PYTHONPATH="$root:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITONMOE_HOME=${TRITONMOE_HOME:-/tmp/tritonmoe-home}
