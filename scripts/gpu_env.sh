@@ -7,7 +7,7 @@
 # PATH. That machine's scipy and scikit-learn need numpy 2, so a sitecustomize hides them (transformers imports
 # them only when present; nothing we serve uses them).
 root=/tmp/tritonmoe-gpu
-stamp=$(cat .gpu/* | cksum)
+stamp=$(cat .gpu/* "${BASH_SOURCE[0]}" | cksum)  # the payload and this recipe
 if [ "$stamp" != "$(cat "$root/payload.cksum" 2>/dev/null)" ]; then  # a warm machine may hold an older one
   rm -rf "$root" && mkdir -p "$root"
   tar -C "$root" -xJf .gpu/triton-runtime.tar.xz
