@@ -100,7 +100,7 @@ def loaders(tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """Converted checkpoints: a tiny Mixtral (HF folder too) and ~24 MiB / ~96 MiB random MoE-shaped ones."""
+    """Converted checkpoints: a tiny Mixtral (HF folder too) and two random MoE-shaped ones (small < big)."""
     root = tmp_path_factory.mktemp("service-ckpts")
     hf = build(TinySpec(arch="mixtral", layers=2), root / "tiny-hf")
     out = {"tiny_hf": hf, "tiny": convert(hf, root / "tiny", progress=False).dest}
@@ -288,22 +288,26 @@ def test_model_larger_than_dram_budget_is_a_clear_error(loaders, ckpts):
 
 
 def test_concurrent_loads_read_once(loaders, ckpts):
-    # one reader thread and 1 MiB preads make the ~96 MiB fill slow enough for every request to arrive during it
-    loader = loaders("--threads", "1", "--chunk-mb", "1")
-    c = loader.client
-    c.register("big", ckpts["big"])
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda _: c.load("big"), range(8)))
+    # a throttled remote (a few seconds for the model) keeps the load in flight while all 8 requests arrive
+    server = Remote(ckpts["small"].parent, delay=0.002)
+    try:
+        loader = loaders()
+        c = loader.client
+        c.register("m", f"{server.url}/small")
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: c.load("m"), range(8)))
+    finally:
+        server.close()
     assert {s["tier"] for s in statuses} == {"dram"}
-    st = c.status("big")
-    assert st["dram_fills"] == 1 and st["load_requests"] == 8
+    st = c.status("m")
+    assert st["dram_fills"] == 1 and st["remote_fetches"] == 1 and st["load_requests"] == 8
     text = c.metrics()
-    assert metric(text, "tritonmoe_loader_dram_fills_total", model="big") == 1
-    assert metric(text, "tritonmoe_loader_load_requests_total", model="big", outcome="loaded") == 1
-    joined = metric(text, "tritonmoe_loader_load_requests_total", model="big", outcome="joined")
-    hits = metric(text, "tritonmoe_loader_load_requests_total", model="big", outcome="hit")
-    assert joined >= 1 and joined + hits == 7
-    assert metric(text, "tritonmoe_loader_read_bytes_total") == read_index(ckpts["big"]).total_bytes
+    assert metric(text, "tritonmoe_loader_dram_fills_total", model="m") == 1
+    assert metric(text, "tritonmoe_loader_load_requests_total", model="m", outcome="loaded") == 1
+    joined = metric(text, "tritonmoe_loader_load_requests_total", model="m", outcome="joined")
+    hits = metric(text, "tritonmoe_loader_load_requests_total", model="m", outcome="hit")
+    assert joined == 7 and hits == 0  # every other request waited on the one read in flight
+    assert metric(text, "tritonmoe_loader_read_bytes_total") == read_index(ckpts["small"]).total_bytes
 
 
 # ---- corrupt checkpoints -----------------------------------------------------------------------------------------
