@@ -93,9 +93,17 @@ class LoaderClient:
         """Make ``name`` DRAM-resident; returns its status (with ``shm_path``) once it is."""
         return self._request("POST", f"/v1/models/{urllib.parse.quote(name, safe='')}/load")
 
-    def ensure_loaded(self, name: str) -> "ShmCheckpoint":
-        status = self.load(name)
-        ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+    def ensure_loaded(self, name: str, attempts: int = 3) -> "ShmCheckpoint":
+        for attempt in range(attempts):
+            status = self.load(name)
+            try:
+                ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+                break
+            except (OSError, CheckpointError) as e:
+                # evicted (LRU, or by hand) between the answer and the mapping: ask again
+                if attempt == attempts - 1:
+                    raise LoaderError(f"{name} left the DRAM cache of {self.url} before it could be mapped "
+                                      f"({e}); the DRAM budget may be too small for the models in use") from e
         if status.get("gpu_copy"):
             ckpt.loader = (self, name)  # to_device may ask the loader to do the copies
         return ckpt

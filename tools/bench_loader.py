@@ -128,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="--gpu: also write the results here")
     p.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS_JSON", "PNG"),
                    help="only draw the chart of a --gpu run's --json results")
+    p.add_argument("--memory", action="store_true",
+                   help="host memory of a process loading the model: transformers vs reader vs the loader")
+    p.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHERE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.memory_child:
+        memory_child(*a.memory_child)
+        return 0
+    if a.memory:
+        return memory_main(a)
     if a.plot:
         plot(*a.plot)
         return 0
@@ -612,6 +620,90 @@ def plot(results_json: Path, out: Path) -> None:
     ax.set_title(f"{doc['bytes'] / 1e9:.1f} GB bf16 checkpoint onto {doc['gpu']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+# ---- host memory of a backend process (issue 3: "peak host memory ... report it") --------------------------------
+def _smaps_rollup() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def memory_child(case: str, where: str) -> None:
+    """Load the model one way in this (fresh) process, print one JSON line of memory figures."""
+    import resource
+
+    from tritonmoe.loader.client import LoaderClient
+    from tritonmoe.loader.hf_model import load_hf_model, load_hf_model_from_shm
+
+    start = time.perf_counter()
+    if case == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16)
+    elif case == "reader":
+        model = load_hf_model(where, "cpu", torch.bfloat16)
+    else:
+        url, name = where.rsplit("/", 1)
+        ckpt = LoaderClient(url).ensure_loaded(name)
+        model = load_hf_model_from_shm(ckpt, "cpu", torch.bfloat16)
+    seconds = time.perf_counter() - start
+    sm = _smaps_rollup()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"case": case, "seconds": seconds, "model_bytes": params,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      # anonymous = the process's own memory; file pages (safetensors mmap, the shared-memory
+                      # DRAM cache) are counted apart: they belong to the page cache / tmpfs, not to the process
+                      "rss": sm["Rss"], "anon": sm["Anonymous"], "file": sm["Rss"] - sm["Anonymous"]}), flush=True)
+
+
+def memory_main(a) -> int:
+    import socket
+
+    from tritonmoe.loader.client import LoaderClient, LoaderError
+
+    hf = make_mixtral_checkpoint(a.dir / "hf-mixtral", a.gb, a.shards)
+    converted = convert(hf, a.dir / "converted-mixtral", progress=False).dest
+    size = read_index(converted).total_bytes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shm = Path(a.shm_dir) / "memory"
+    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(a.dir / "mem-svc"),
+                             "--dram-budget", str(2 * size), "--disk-budget", "1GiB", "--port", str(port),
+                             "--shm-dir", str(shm)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = LoaderClient(f"http://127.0.0.1:{port}")
+    rows = []
+    try:
+        for _ in range(600):
+            try:
+                client.health()
+                break
+            except LoaderError:
+                time.sleep(0.1)
+        client.register("m", converted)
+        client.load("m")
+        for case, where in (("transformers", hf), ("reader", converted), ("loader", f"{client.url}/m")):
+            out = subprocess.run([sys.executable, "-m", "tritonmoe.tools.bench_loader", "--memory-child", case,
+                                  str(where)], capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(shm, ignore_errors=True)
+    command = ["python", "-m", "tritonmoe.tools.bench_loader", *sys.argv[1:]]
+    print(f"command: {' '.join(command)}\nmachine: {machine()}\n"
+          f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+          f"checkpoint: {size / 1e9:.2f} GB bf16 Mixtral config; model built on the CPU in bf16, each way in a fresh "
+          "process\n")
+    print("| how | seconds | peak RSS GB | after load: anonymous GB | file/shm-backed GB | model GB |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['case']} | {r['seconds']:.2f} | {r['peak_rss'] / 1e9:.2f} | {r['anon'] / 1e9:.2f} | "
+              f"{r['file'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.2f} |")
+    return 0
 
 
 def gpu_check(a) -> int:
