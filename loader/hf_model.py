@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CheckpointError
+from .format import CheckpointError, read_index
 from .reader import load_state_dict
 
 log = logging.getLogger("tritonmoe.loader")
@@ -61,6 +61,11 @@ def load_hf_model(converted_dir: str | os.PathLike, device: str | torch.device =
     """The causal-LM model of ``converted_dir``, its weights read by the tritonmoe reader, on ``device``
     in ``dtype`` ("auto": the checkpoint's own), with the generation config that was converted beside it."""
     state_dict = load_state_dict(converted_dir, verify=verify, **reader_options)
+    # The tensors are views into one buffer per partition. transformers copies the experts when it fuses them,
+    # but keeps non-expert views as parameters, which would keep whole partitions (experts included) alive:
+    # copy the (small) non-expert tensors out, so the partition buffers are freed once the model is built.
+    experts = {n for e in read_index(converted_dir).experts for n in e.tensors}
+    state_dict = {n: (t if n in experts else t.clone()) for n, t in state_dict.items()}
     return build_hf_model(converted_dir, state_dict, device, dtype)
 
 
