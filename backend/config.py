@@ -34,6 +34,18 @@ def parse_int(key: str, value: str, minimum: int) -> int:
     return number
 
 
+def parse_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    text = value.strip()
+    if text not in choices:
+        raise ConfigError(f"parameter '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+# transformers' ExpertsInterface kernels offered for resident experts ("auto": grouped_mm for bf16 on Hopper or
+# newer, otherwise transformers' default); offloaded experts always run tritonmoe's own.
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
 def models_home() -> Path:
     from tritonmoe.tools.tritonserver import tritonmoe_home
 
@@ -75,6 +87,7 @@ class EngineConfig:
     max_model_len: int | None = None
     default_max_tokens: int = 16
     report_metrics: bool = True
+    experts_implementation: str = "auto"
     offload: object | None = None  # OffloadConfig when experts are offloaded
     loader_url: str | None = None  # load through the loader service there; checkpoint may be a registered name
 
@@ -83,7 +96,7 @@ class EngineConfig:
         from tritonmoe.backend.offload.config import PARAMETER_KEYS
 
         known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics",
-                 "loader_url", *PARAMETER_KEYS.values()}
+                 "loader_url", "experts_implementation", *PARAMETER_KEYS.values()}
         unknown = sorted(set(params) - known - TRITON_KEYS)
         if unknown:
             raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -105,6 +118,8 @@ class EngineConfig:
                            if params.get("max_model_len", "").strip() else None),
             default_max_tokens=parse_int("default_max_tokens", params.get("default_max_tokens", "16"), 1),
             report_metrics=parse_bool("report_metrics", params.get("report_metrics", "true")),
+            experts_implementation=parse_choice("experts_implementation", params.get("experts_implementation", "auto"),
+                                                EXPERTS_IMPLEMENTATIONS),
             offload=offload_config(params),
             loader_url=loader_url,
         )

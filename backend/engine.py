@@ -209,7 +209,7 @@ class Engine:
         logits = self._forward([seq.id], "prefill", input_ids=ids, past_key_values=cache)
         self._batch.add(cache, len(seq.context_ids))
         self._running.append(seq)
-        self._accept(seq, logits[0])
+        self._accept(seq, self._pick([seq], logits)[0])
 
     def _decode(self) -> None:
         mask, positions = self._batch.step_inputs(self.device)
@@ -217,14 +217,23 @@ class Engine:
         logits = self._forward([s.id for s in self._running], "decode", input_ids=ids, attention_mask=mask,
                                position_ids=positions, past_key_values=self._batch.cache)
         self._batch.advance()
-        for seq, row in zip(self._running, logits):
-            self._accept(seq, row)
+        for seq, token in zip(self._running, self._pick(self._running, logits)):
+            self._accept(seq, token)
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample one token for ``seq`` and tell its sink."""
-        if self.eos_ids and (seq.params.ignore_eos or seq.output_tokens < seq.params.min_tokens):
-            logits[list(self.eos_ids)] = float("-inf")
-        token = sample_row(logits, seq.params, token_generator(seq.seed, seq.output_tokens))
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of each row. Greedy rows share one argmax and one device-to-host copy per step (a copy
+        per row would stall the GPU once per sequence)."""
+        for row, seq in enumerate(seqs):
+            if self.eos_ids and (seq.params.ignore_eos or seq.output_tokens < seq.params.min_tokens):
+                logits[row, list(self.eos_ids)] = float("-inf")
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                tokens[row] = sample_row(logits[row], seq.params, token_generator(seq.seed, seq.output_tokens))
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """Record ``seq``'s next token and tell its sink."""
         now = time.perf_counter()
         timing = ({"ttft": now - seq.submitted} if seq.last_token_time is None
                   else {"itl": now - seq.last_token_time})

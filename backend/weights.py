@@ -57,18 +57,39 @@ def load_for_serving(cfg: EngineConfig, device: torch.device) -> LoadedModel:
             model = _load_converted(path, build_on, cfg.dtype)
         else:
             model = load_model(path, build_on, cfg.dtype)
+    return _finish(model, cfg, device, path, "tritonmoe" if converted else "huggingface", phases)
+
+
+def _finish(model, cfg: EngineConfig, device: torch.device, files: Path, layout: str,
+            phases: dict[str, float]) -> LoadedModel:
+    """What every load path does last: the experts (offloaded, or resident with the chosen kernel), the tokenizer."""
     offloader = None
-    if cfg.offload is not None:
+    if cfg.offload is None:
+        _choose_experts_kernel(model, cfg.experts_implementation, device)
+    else:
         from tritonmoe.backend.offload import attach_offloading
 
         with _phase(phases, "offload_setup"):
             try:
                 offloader = attach_offloading(model, cfg.offload, device=device)
             except ValueError as e:
-                raise CheckpointError(f"cannot offload the experts of {path}: {e}") from e
+                raise CheckpointError(f"cannot offload the experts of {cfg.checkpoint}: {e}") from e
     with _phase(phases, "tokenizer"):
-        tokenizer = load_tokenizer(path)
-    return LoadedModel(model, tokenizer, offloader, "tritonmoe" if converted else "huggingface", phases)
+        tokenizer = load_tokenizer(files)
+    return LoadedModel(model, tokenizer, offloader, layout, phases)
+
+
+def _choose_experts_kernel(model: torch.nn.Module, choice: str, device: torch.device) -> None:
+    """transformers' default expert kernel loops over the experts hit and synchronises with the GPU in every MoE
+    layer; grouped_mm runs a layer's experts as one grouped GEMM with no host round trip (bf16, Hopper or newer)."""
+    if choice == "auto":
+        dtype = next(model.parameters()).dtype
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        if not (hopper and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+            return
+        choice = "grouped_mm"
+    model.set_experts_implementation(choice)
+    log.info(f"experts run with transformers' {choice!r} kernel")
 
 
 def _load_converted(path: Path, device: torch.device, dtype: str) -> torch.nn.Module:
@@ -121,17 +142,7 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
                                        phases=phases).eval()  # adds gpu_copy and build
     except (LoaderError, FormatError) as e:
         raise CheckpointError(f"cannot load {cfg.checkpoint} through the loader at {cfg.loader_url}: {e}") from e
-    offloader = None
-    if cfg.offload is not None:
-        from tritonmoe.backend.offload import attach_offloading
-
-        with _phase(phases, "offload_setup"):
-            try:
-                offloader = attach_offloading(model, cfg.offload, device=device)
-            except ValueError as e:
-                raise CheckpointError(f"cannot offload the experts of {cfg.checkpoint}: {e}") from e
-    with _phase(phases, "tokenizer"):
-        tokenizer = load_tokenizer(ckpt.path)  # the DRAM copy carries the tokenizer files
+    loaded = _finish(model, cfg, device, ckpt.path, "tritonmoe-loader", phases)  # the DRAM copy has the tokenizer
     log.info("loaded %s through the loader %s (%s): %s", cfg.checkpoint, cfg.loader_url, ckpt.path,
              ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
-    return LoadedModel(model, tokenizer, offloader, "tritonmoe-loader", phases)
+    return loaded

@@ -8,6 +8,9 @@ from tritonmoe.backend.config import ConfigError, EngineConfig
 def test_defaults_and_offloading_off_by_default(tmp_path):
     cfg = EngineConfig.from_parameters({"checkpoint": str(tmp_path)})
     assert cfg.checkpoint == tmp_path and cfg.max_num_seqs == 8 and cfg.offload is None
+    assert cfg.experts_implementation == "auto"
+    assert EngineConfig.from_parameters({"checkpoint": str(tmp_path), "experts_implementation": "grouped_mm"}
+                                        ).experts_implementation == "grouped_mm"
 
 
 def test_expert_cache_budget_turns_offloading_on(tmp_path):
@@ -27,6 +30,7 @@ def test_expert_cache_budget_turns_offloading_on(tmp_path):
     ({"max_num_seqs": "0"}, "max_num_seqs"),
     ({"report_metrics": "1"}, "true or false"),
     ({"dtype": "int8"}, "dtype"),
+    ({"experts_implementation": "fast"}, "experts_implementation"),
 ])
 def test_bad_parameters_name_the_key(tmp_path, params, fragment):
     with pytest.raises(ConfigError, match=fragment):

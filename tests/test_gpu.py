@@ -16,11 +16,13 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen3_moe"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_on_cuda_matches_generate(tiny, arch, dtype):
+@pytest.mark.parametrize("dtype, kernel", [("float32", None), ("bfloat16", None), ("bfloat16", "grouped_mm")])
+def test_engine_on_cuda_matches_generate(tiny, arch, dtype, kernel):
+    """``kernel``: transformers' experts implementation (grouped_mm is what experts_implementation=auto picks for
+    bf16 on Hopper)."""
     path = tiny(arch)
     device = torch.device("cuda", 0)
-    model, tok = load_model(path, device, dtype), load_tokenizer(path)
+    model, tok = load_model(path, device, dtype, experts_implementation=kernel), load_tokenizer(path)
     refs = []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids.to(device)
