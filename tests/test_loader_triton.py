@@ -4,7 +4,9 @@ half-loaded becomes READY, and the same load succeeds once the loader is back.""
 
 from __future__ import annotations
 
+import re
 import shutil
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def test_triton_loads_through_the_loader_and_survives_a_loader_restart(tmp_path,
                         exclude_input_in_output=True)["text_output"] == text
         log = (tmp_path / "tritonserver.log").read_text()
         assert "through the loader" in log and "dram_fill" in log and "gpu_copy" in log  # phases are logged
+        metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        for phase in ("dram_fill", "index_read", "gpu_copy", "build", "tokenizer"):  # and exported
+            assert re.search(rf'tritonmoe_startup_seconds{{[^}}]*model="via_path"[^}}]*phase="{phase}"[^}}]*}} '
+                             r'[0-9.e+-]+', metrics) or re.search(
+                rf'tritonmoe_startup_seconds{{[^}}]*phase="{phase}"[^}}]*model="via_path"[^}}]*}} [0-9.e+-]+',
+                metrics), phase
 
         loader.kill()
         with pytest.raises(InferenceServerException, match="cannot reach the loader"):
