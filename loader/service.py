@@ -149,11 +149,21 @@ class LoaderService:
             for name, doc in json.loads(registry.read_text()).items():
                 self.models[name] = Model(name, doc["source"], doc.get("registered", time.time()))
         for entry in self.disk_dir.iterdir():
-            if entry.name.startswith("."):  # an interrupted fetch
+            model = self.models.get(entry.name)
+            if entry.name.startswith(".") or model is None or not model.remote:  # interrupted fetch, or stale
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name in self.models and self.models[entry.name].remote:
-                self.models[entry.name].on_disk = (entry / "tritonmoe_index.json").is_file()
-                self.models[entry.name].disk_used = entry.stat().st_mtime
+                continue
+            try:  # the disk budget counts fetched models by their index
+                model.index, model.on_disk, model.disk_used = read_index(entry), True, entry.stat().st_mtime
+            except CheckpointError as e:
+                log.warning("removing %s from the disk cache: %s", entry, e)
+                shutil.rmtree(entry, ignore_errors=True)
+        for model in self.models.values():
+            if not model.remote:
+                try:
+                    model.index = read_index(model.source)
+                except CheckpointError as e:  # reported again, with the same message, by the first load
+                    log.warning("registered model %s: %s", model.name, e)
         for name, index in dram_cache.scan(self.shm_dir).items():
             model = self.models.get(name)
             if model is None:

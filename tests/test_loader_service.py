@@ -378,6 +378,11 @@ def test_loader_killed_mid_load_then_retry_after_restart(loaders, ckpts):
         with loader.client.ensure_loaded("big") as ck:
             ck.verify()
         assert loader.client.status("big")["dram_fills"] == 1
+        loader.stop()
+        loader.start()  # a clean restart finds the fetched copy on disk and counts it against the disk budget
+        st = loader.client.status("big")
+        assert (st["tier"], st["bytes"]) == ("dram", read_index(ckpts["big"]).total_bytes)
+        assert loader.client.status()["disk_cache_bytes"] == st["bytes"]
     finally:
         server.close()
 
