@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -74,3 +75,24 @@ def test_perf_analyzer_streaming_smoke_run(triton, tmp_path):
     rows = perf_analyzer.read_csv(report)
     assert sorted(int(row["Concurrency"]) for row in rows) == [1, 2]  # rows come sorted by throughput
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
+
+
+def test_main_job_with_the_loader_serves_the_same_tokens(tmp_path):
+    """--loader: convert once, start a loader service, load through its DRAM cache; same greedy text, and the
+    job's shared-memory cache is gone afterwards."""
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-tokens", "10",
+              "--arch", "olmoe"]
+    plain = _serve(*common)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    r = _serve(*common, "--loader", "--log", str(tmp_path / "server.log"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "loader service up at http://127.0.0.1:" in r.stdout
+    log = (tmp_path / "server.log").read_text()
+    assert "through the loader" in log and "dram_fill" in log
+
+    def completion(out: str) -> str:
+        return out.split("prompt:", 1)[1].split("finish reason:", 1)[0]
+
+    assert completion(r.stdout) == completion(plain.stdout)
+    assert not list(Path("/dev/shm").glob(f"tritonmoe-main-loader-{os.getuid()}/*"))

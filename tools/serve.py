@@ -3,13 +3,18 @@
 With no arguments it builds the default tiny MoE (random weights, local tokenizer) on first use, starts
 ``tritonserver`` over the bundled model repository on loopback, loads the model through the repository API,
 streams a completion for a sample prompt and prints it with timings. ``--serve`` keeps serving until Ctrl-C.
+``--loader`` also starts a per-host loader service and loads the model's weights through its DRAM cache, from the
+checkpoint converted once into the loading-optimised format.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +23,7 @@ from pathlib import Path
 from . import tiny_models
 from .client import GenerateError, generate_stream, load_model
 from .model_config import read_config, with_overrides
-from .tritonserver import TritonError, TritonServer
+from .tritonserver import TritonError, TritonServer, free_port, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPT = "def fibonacci(n):\n    "
@@ -48,6 +53,10 @@ def parse_args(argv):
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--serve", action="store_true", help="keep serving after the sample completion until Ctrl-C")
     p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
+    p.add_argument("--loader", action="store_true",
+                   help="start a loader service and load the weights through its DRAM cache (the checkpoint is "
+                        "converted once under $TRITONMOE_HOME/converted)")
+    p.add_argument("--loader-dram-budget", default="8GiB", help="DRAM cache of that loader (default 8GiB)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config.pbtxt parameter, repeatable (e.g. --param expert_cache_budget=25%%)")
     a = p.parse_args(argv)
@@ -79,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                           metrics_port=a.metrics_port, log_path=a.log)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    loader = None
     try:
+        if a.loader:
+            loader, url, converted = start_loader(Path(overrides["checkpoint"]), a.loader_dram_budget, say)
+            overrides.update(checkpoint=str(converted), loader_url=url)
+            config = with_overrides(config, parameters=overrides)
         t = time.perf_counter()
         server.start()
         say(f"tritonserver up in {time.perf_counter() - t:.1f}s  HTTP {server.http_url}  gRPC {server.grpc_url}  "
@@ -120,6 +134,43 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         say("stopping tritonserver ...")
         server.stop()
+        if loader is not None:
+            loader.terminate()
+            loader.wait(30)
+            shutil.rmtree(loader.shm_dir, ignore_errors=True)  # this job's DRAM cache: host memory, not disk
+
+
+def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
+    """Convert ``checkpoint`` once (a no-op when already done), start a loader service on a free loopback port and
+    wait until it answers. Returns the process, its URL and the converted folder."""
+    from tritonmoe.loader.client import LoaderClient, LoaderError
+    from tritonmoe.loader.convert import convert
+
+    t = time.perf_counter()
+    converted = convert(checkpoint, tritonmoe_home() / "converted" / checkpoint.name, progress=False).dest
+    say(f"converted checkpoint: {converted} ({time.perf_counter() - t:.2f}s)")
+    port, root = free_port(), tritonmoe_home() / "loader"
+    shm_dir = Path("/dev/shm") / f"tritonmoe-main-loader-{os.getuid()}"  # removed again when the job ends
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / "service.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(root), "--port",
+                                 str(port), "--shm-dir", str(shm_dir), "--dram-budget", dram_budget,
+                                 "--disk-budget", "1GiB"], stdout=subprocess.DEVNULL, stderr=log_file)
+    proc.shm_dir = shm_dir
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        try:
+            client = LoaderClient(url, timeout=5)
+            client.health()
+            break
+        except LoaderError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise TritonError(f"the loader service did not start (log: {log_path})") from None
+            time.sleep(0.2)
+    say(f"loader service up at {url} (DRAM budget {dram_budget}; log {log_path})")
+    return proc, url, converted
 
 
 if __name__ == "__main__":
