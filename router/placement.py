@@ -1,0 +1,85 @@
+"""Placement policies: which host serves a request for a model.
+
+A policy sees every healthy host that could serve the model and returns one; the lifecycle manager then uses the
+instance there or loads the model there first (a cold start). ``locality`` (ServerlessLLM) picks the lowest
+estimated start-up: queue wait + checkpoint bytes / bandwidth of the tier holding it (0 when loaded), with
+bandwidths measured per host. ``random`` and ``round_robin`` are the baselines: they ignore where the model is
+(plain Triton loading wherever they land), as a load balancer without model locality would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+from .config import ModelSpec
+from .state import Host
+
+
+@dataclass
+class Candidate:
+    host: Host
+    tier: str           # gpu (loaded) | dram | disk | remote
+    load_s: float       # estimated load time (0 when loaded)
+    queue_s: float      # estimated wait behind work already on the host
+    inflight: int       # requests of this model in flight there
+
+    @property
+    def startup_s(self) -> float:
+        return self.load_s + self.queue_s
+
+
+class Policy:
+    name = "base"
+
+    def choose(self, spec: ModelSpec, candidates: list[Candidate], loaded: int) -> Candidate:
+        raise NotImplementedError
+
+
+class LocalityPolicy(Policy):
+    """Lowest estimated start-up. A loaded instance below its target concurrency always wins; once instances
+    are saturated, a cold start elsewhere competes with queueing (bounded by max_instances)."""
+
+    name = "locality"
+
+    def choose(self, spec, candidates, loaded):
+        warm = [c for c in candidates if c.tier == "gpu"]
+        free = [c for c in warm if c.inflight < spec.target_concurrency]
+        if free:
+            return min(free, key=lambda c: (c.inflight, c.queue_s))
+        cold = [c for c in candidates if c.tier != "gpu"]
+        if warm and (loaded >= spec.max_instances or not cold):
+            return min(warm, key=lambda c: (c.startup_s, c.inflight))
+        return min(candidates, key=lambda c: (c.startup_s, c.inflight))
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def __init__(self, seed: int | None = None):
+        self.rng = random.Random(seed)
+
+    def choose(self, spec, candidates, loaded):
+        return self.rng.choice(candidates)
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def __init__(self):
+        self.counter = itertools.count()
+
+    def choose(self, spec, candidates, loaded):
+        ordered = sorted(candidates, key=lambda c: c.host.name)
+        return ordered[next(self.counter) % len(ordered)]
+
+
+def make_policy(name: str, seed: int | None = None) -> Policy:
+    if name == "locality":
+        return LocalityPolicy()
+    if name == "random":
+        return RandomPolicy(seed)
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    raise ValueError(f"unknown policy {name!r}")

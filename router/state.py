@@ -1,0 +1,226 @@
+"""What the router knows about each host: health, which models are loaded (its own bookkeeping, reconciled with
+Triton's statistics endpoint), running sequences (Triton metrics), where each checkpoint sits (the loader's
+status; no loader means every checkpoint is on local disk), and load bandwidths measured from observed loads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import tritonclient.grpc.aio as agrpc
+
+from .config import HostConfig
+
+log = logging.getLogger("tritonmoe.router")
+
+TIERS = ("gpu", "dram", "disk", "remote")
+# Priors until a host has been seen loading (bytes/s, plus a fixed start-up cost per load: process start,
+# imports, model build). Replaced by measurements (EWMA) as loads complete.
+DEFAULT_BANDWIDTH = {"dram": 8e9, "disk": 1e9, "remote": 1e8}
+DEFAULT_OVERHEAD_S = 5.0
+EWMA = 0.5
+_METRIC_RE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+|nan|inf)$')
+
+
+@dataclass
+class Instance:
+    """One model on one host, as the router sees it."""
+    model: str
+    host: "Host"
+    state: str = "loading"  # loading | ready | unloading | dead
+    inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None
+
+
+class Host:
+    def __init__(self, cfg: HostConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self._client: agrpc.InferenceServerClient | None = None
+        self.healthy = True
+        self.failures = 0
+        self.instances: dict[str, Instance] = {}
+        self.server_models: set[str] = set()   # READY models per Triton's statistics
+        self.running: dict[str, float] = {}     # tritonmoe_running_sequences per model
+        self.loader_ok: bool | None = None if cfg.loader else False
+        self.loader_tiers: dict[str, tuple[str, int | None]] = {}
+        self.bandwidth = dict(DEFAULT_BANDWIDTH)
+        self.overhead_s = DEFAULT_OVERHEAD_S
+        self.loads_in_flight = 0
+        self.loads_observed = 0
+
+    @property
+    def client(self) -> agrpc.InferenceServerClient:
+        # created on first use: a gRPC aio channel belongs to the event loop that is running when it is made
+        if self._client is None:
+            self._client = agrpc.InferenceServerClient(self.cfg.grpc)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def __repr__(self) -> str:
+        return f"Host({self.name})"
+
+    @property
+    def inflight(self) -> int:
+        return sum(i.inflight for i in self.instances.values())
+
+    def ready_instance(self, model: str) -> Instance | None:
+        inst = self.instances.get(model)
+        return inst if inst is not None and inst.state == "ready" else None
+
+    def resident(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state in ("loading", "ready")]
+
+    def tier_of(self, model: str, use_loader: bool) -> str:
+        if self.ready_instance(model):
+            return "gpu"
+        if use_loader and self.loader_ok and model in self.loader_tiers:
+            tier = self.loader_tiers[model][0]
+            return "dram" if tier == "dram" else ("remote" if tier == "remote" else "disk")
+        return "disk"  # no loader (or it is down): the server reads the checkpoint from its local disk
+
+    def estimate_load_s(self, tier: str, nbytes: int) -> float:
+        if tier == "gpu":
+            return 0.0
+        return self.overhead_s + nbytes / self.bandwidth.get(tier, DEFAULT_BANDWIDTH["disk"])
+
+    def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
+        """Update the start-up model from a completed load. Small checkpoints inform the fixed cost, large ones
+        the tier's bandwidth (whichever term dominates the prediction gets the error)."""
+        self.loads_observed += 1
+        if tier == "gpu":
+            return
+        bw = self.bandwidth.get(tier, DEFAULT_BANDWIDTH["disk"])
+        transfer = nbytes / bw
+        if transfer < self.overhead_s:
+            self.overhead_s = (1 - EWMA) * self.overhead_s + EWMA * max(0.0, seconds - transfer)
+        else:
+            measured = nbytes / max(1e-3, seconds - self.overhead_s)
+            self.bandwidth[tier] = (1 - EWMA) * bw + EWMA * measured
+
+    def snapshot(self) -> dict:
+        return {"name": self.name, "healthy": self.healthy, "grpc": self.cfg.grpc, "http": self.cfg.http,
+                "loader": self.cfg.loader, "loader_ok": self.loader_ok, "max_models": self.cfg.max_models,
+                "instances": {m: {"state": i.state, "inflight": i.inflight, "error": i.error}
+                              for m, i in self.instances.items()},
+                "server_models": sorted(self.server_models), "running_sequences": self.running,
+                "startup_model": {"overhead_s": round(self.overhead_s, 3),
+                                  "bandwidth_Bps": {k: round(v) for k, v in self.bandwidth.items()},
+                                  "loads_observed": self.loads_observed}}
+
+
+def checkpoint_bytes(path: str) -> int:
+    """Bytes a load reads: the checkpoint folder's files (0 when the router cannot see the path)."""
+    p = Path(path)
+    if not p.is_dir():
+        return 0
+    total = 0
+    for root, _, files in os.walk(p):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def parse_running(metrics_text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith("tritonmoe_running_sequences{"):
+            continue
+        m = _METRIC_RE.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            out[labels.get("model", "")] = float(m.group(3))
+    return out
+
+
+class Poller:
+    """Keeps every host's view fresh. A host that fails two polls in a row (or a stream that times out on it)
+    is unhealthy until a poll succeeds again."""
+
+    def __init__(self, hosts: list[Host], interval: float, timeout: float = 2.0, token: str | None = None):
+        self.hosts, self.interval, self.timeout = hosts, interval, timeout
+        self.session: aiohttp.ClientSession | None = None
+        self.task: asyncio.Task | None = None
+        self.loader_token = os.environ.get("TRITONMOE_LOADER_TOKEN")
+        self.on_server_lost = None  # callback(host, model): an instance the server no longer has
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        await self.poll_all()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.session:
+            await self.session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.poll_all()
+            except Exception:  # noqa: BLE001 - polling must survive anything
+                log.exception("poll failed")
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(h) for h in self.hosts), return_exceptions=True)
+
+    async def poll(self, host: Host) -> None:
+        try:
+            async with self.session.get(f"http://{host.cfg.http}/v2/health/live") as r:
+                if r.status != 200:
+                    raise OSError(f"live {r.status}")
+            async with self.session.get(f"http://{host.cfg.http}/v2/models/stats") as r:
+                stats = await r.json() if r.status == 200 else {"model_stats": []}
+            host.server_models = {m["name"] for m in stats.get("model_stats", [])}
+            if host.cfg.metrics:
+                async with self.session.get(host.cfg.metrics) as r:
+                    host.running = parse_running(await r.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+            host.failures += 1
+            if host.failures >= 2 and host.healthy:
+                log.warning("host %s unhealthy: %s", host.name, e or type(e).__name__)
+                host.healthy = False
+            return
+        if not host.healthy:
+            log.info("host %s healthy again", host.name)
+        host.failures, host.healthy = 0, True
+        for model, inst in list(host.instances.items()):
+            # the server lost a model the router believed ready (restart, crash): forget the instance
+            if inst.state == "ready" and model not in host.server_models and self.on_server_lost:
+                self.on_server_lost(host, model)
+        if host.cfg.loader:
+            await self.poll_loader(host)
+
+    async def poll_loader(self, host: Host) -> None:
+        headers = {"Authorization": f"Bearer {self.loader_token}"} if self.loader_token else {}
+        try:
+            async with self.session.get(f"{host.cfg.loader}/v1/models", headers=headers) as r:
+                doc = await r.json()
+            host.loader_tiers = {m["name"]: (m["tier"], m.get("bytes")) for m in doc.get("models", [])}
+            host.loader_ok = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            if host.loader_ok is not False:
+                log.warning("loader of host %s unreachable: placement treats its checkpoints as disk", host.name)
+            host.loader_ok = False
