@@ -68,10 +68,14 @@ class KVBatch:
             layer.keys = layer.keys.index_select(0, index)[..., trim:, :]
             layer.values = layer.values.index_select(0, index)[..., trim:, :]
 
-    def step_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention mask [B, width + 1] and position ids [B, 1] for one decode step; call ``advance`` after."""
+    def step_inputs(self, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Attention mask [B, width + 1] and position ids [B, 1] for one decode step; call ``advance`` after.
+        Without padding (one sequence, or all of one length) the mask is None: attention then needs no mask,
+        which spares transformers building a 4-D one every step."""
         width = self.width
         lengths = torch.tensor(self.lengths, device=device)
+        if min(self.lengths) == width:
+            return None, lengths[:, None]
         columns = torch.arange(width + 1, device=device)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()
         return mask, lengths[:, None]
