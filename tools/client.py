@@ -49,9 +49,15 @@ def generate_stream(http_url: str, model: str, prompt: str, timeout: float = 300
                 yield event
 
 
-def load_model(http_url: str, model: str, config: dict | None = None, timeout: float = 600) -> None:
-    """Triton's repository API ``load``, optionally with a ``config`` override (the full model config as JSON)."""
+def load_model(http_url: str, model: str, config: dict | None = None, timeout: float = 600,
+               files: dict[str, bytes] | None = None) -> None:
+    """Triton's repository API ``load``, optionally with a ``config`` override (the full model config as JSON)
+    and ``files`` (``{"1/model.py": b"..."}``) that make up a model folder the repository does not have."""
+    import base64
+
     body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+    for name, data in (files or {}).items():
+        body["parameters"][f"file:{name}"] = base64.b64encode(data).decode()
     with _post(f"http://{http_url}/v2/repository/models/{model}/load", body, timeout) as r:
         r.read()
 

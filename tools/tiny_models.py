@@ -124,8 +124,9 @@ def make_tokenizer(vocab_size: int):
                                    pad_token="<pad>", model_max_length=10**6)
 
 
-def build(spec: TinySpec, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the checkpoint for ``spec`` into ``out`` and return its path. Reuses a finished identical build."""
+def build(spec: TinySpec, out: str | os.PathLike, overwrite: bool = False, device: str = "cpu") -> Path:
+    """Write the checkpoint for ``spec`` into ``out`` and return its path. Reuses a finished identical build.
+    ``device``: where the random weights are initialised ("cuda" makes multi-GB benchmark models in seconds)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -143,7 +144,8 @@ def build(spec: TinySpec, out: str | os.PathLike, overwrite: bool = False) -> Pa
     config = make_config(spec)
     config.vocab_size = max(spec.vocab, len(tokenizer))
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
     _spread_router_weights(model, spec.seed)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False)
     model.save_pretrained(out, max_shard_size=f"{int(spec.shard_mb * 1024)}KB")
