@@ -5,6 +5,7 @@ completions and chat completions (SSE streaming) and model list, an OpenAPI desc
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -38,6 +39,7 @@ class Router:
         self.poller = Poller(self.hosts, cfg.poll_interval_s)
         self.poller.on_server_lost = self.manager.server_lost
         self.sessions: dict[str, StreamSession] = {}
+        self.finished: collections.deque = collections.deque(maxlen=256)  # recent requests, for /admin/requests
         r = self.registry
         self.m_requests = Counter("tritonmoe_router_requests", "Requests by outcome", ["model", "outcome"],
                                   registry=r)
@@ -137,6 +139,8 @@ class Router:
             raise RouterError(502, "the server ended the stream without output") from None
 
     def _record(self, session: StreamSession, t0: float, ttft: float | None, outcome: str) -> None:
+        self.finished.append({**session.info(), "outcome": outcome, "seconds": time.monotonic() - t0,
+                              "ttft_s": ttft})
         self.m_requests.labels(session.model, outcome).inc()
         if ttft is not None:
             self.m_ttft.labels(session.model).observe(ttft)
@@ -358,7 +362,8 @@ class Router:
         return web.json_response({"deleted": name})
 
     async def h_requests(self, request):
-        return web.json_response({"requests": [s.info() for s in self.sessions.values()]})
+        return web.json_response({"requests": [s.info() for s in self.sessions.values()],
+                                  "finished": list(self.finished)})
 
     async def h_migrate(self, request):
         session = self.sessions.get(request.match_info["rid"])

@@ -141,8 +141,7 @@ class RouterConfig:
     load_timeout_s: float = 300.0
     load_failure_backoff_s: float = 30.0  # a failed load is not retried for this long: the error is returned
     max_failovers: int = 3
-    handover_tokens: int = 2              # migration: stop the source once the destination is this close
-    migration_overlap_s: float = 5.0      # ...or after this long
+    migration_overlap_s: float = 10.0     # a migration destination silent this long is abandoned
     seed_sampled: bool = True             # give unseeded sampled requests a seed so they stay migratable
 
     @classmethod
@@ -174,7 +173,7 @@ class RouterConfig:
                 if not isinstance(v, (int, float)) or v <= 0:
                     raise ConfigError(f"'{key}' must be a number > 0")
                 setattr(cfg, key, float(v))
-        for key in ("max_failovers", "handover_tokens"):
+        for key in ("max_failovers",):
             if key in doc:
                 if not isinstance(doc[key], int) or doc[key] < 0:
                     raise ConfigError(f"'{key}' must be an integer >= 0")

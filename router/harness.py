@@ -56,3 +56,65 @@ class RouterThread:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ---- a small synchronous client for the router's HTTP API (stdlib only) --------------------------------------
+import json as _json  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+
+class HTTPError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+def _request(url: str, body, token: str | None, method: str | None = None):
+    data = None if body is None else (body if isinstance(body, bytes) else _json.dumps(body).encode())
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return urllib.request.Request(url, data=data, headers=headers, method=method)
+
+
+def call(url: str, body=None, token: str | None = None, method: str | None = None, timeout: float = 300) -> dict:
+    """JSON request -> JSON answer; HTTPError carries the router's 'error' message."""
+    try:
+        with urllib.request.urlopen(_request(url, body, token, method), timeout=timeout) as r:
+            return _json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            text = _json.loads(text).get("error", text)
+        except ValueError:
+            pass
+        raise HTTPError(e.code, text) from None
+
+
+def stream(url: str, body, token: str | None = None, timeout: float = 300, on_open=None):
+    """Server-sent events of a streaming request: yields each event's JSON (``[DONE]`` ends it). ``on_open``
+    gets the response headers (the router's X-Request-Id) before the first event."""
+    try:
+        r = urllib.request.urlopen(_request(url, body, token), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            text = _json.loads(text).get("error", text)
+        except ValueError:
+            pass
+        raise HTTPError(e.code, text) from None
+    with r:
+        if on_open is not None:
+            on_open(r.headers)
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            event = _json.loads(payload)
+            if "error" in event:
+                raise HTTPError(200, event["error"])
+            yield event

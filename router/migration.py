@@ -7,11 +7,13 @@ deterministic per token index (the backend seeds each token from (seed, index)),
 produces the same token sequence, and the router merges them by position: whichever upstream is ahead supplies
 the client's next tokens; positions already sent are checked against, not re-sent.
 
-Migration: the destination starts from the tokens so far while the source keeps streaming to the client; once
-the destination has produced output and is within ``handover_tokens`` of the source (or after
-``migration_overlap_s``), the source is cancelled. The client's stream never pauses for the destination's prefill.
-The backend keeps no KV cache across requests, so ServerlessLLM's repeated recompute rounds would each redo the
-whole prefill; overlapping the two streams gives the same no-gap handover in one round.
+Migration: the destination starts from the tokens so far while the source keeps streaming to the client (the
+destination's prefill overlaps the source's decoding); once the destination has produced output, the source is
+cancelled, and the destination's first tokens, which the source already sent, are checked and skipped. The client
+waits only for the few tokens the source made during the destination's prefill (at decode speed), never for a
+load or a prefill. A destination that produces nothing within ``migration_overlap_s`` is dropped and the source
+carries on. The backend keeps no KV cache across requests, so ServerlessLLM's repeated recompute rounds would each
+redo the whole prefill here; the overlap gives the same handover in one round.
 
 Failover: an upstream that errors (server killed, stream silent past the timeout, dead Python stub) is replaced by
 a resume on another host through the same path, up to ``max_failovers`` times.
@@ -79,6 +81,7 @@ class StreamSession:
         self.registry = registry
         self.migrate_to: asyncio.Queue = asyncio.Queue()
         self.max_gap_s = 0.0  # longest pause between client deltas after the first (migration stall)
+        self.handover_at: list[int] = []  # token positions where a migration's source was stopped
 
     # ---- upstream tasks ----------------------------------------------------------------------------------------
     async def _open(self, exclude: set[str] = frozenset(), host: str | None = None, migration: bool = False):
@@ -256,16 +259,20 @@ class StreamSession:
 
     def _maybe_handover(self) -> None:
         for dest in [u for u in self.upstreams.values() if u.migration]:
-            if not dest.got_output:
-                continue
-            close = dest.tokens_end >= len(self.tokens) - self.cfg.handover_tokens
-            late = time.monotonic() - dest.started > self.cfg.migration_overlap_s
-            if close or late:
+            if dest.got_output:
+                # the destination's KV cache is rebuilt: stop the source. What the source generated meanwhile
+                # the destination regenerates (identical, checked) at decode speed: that is the stall.
                 for src in [u for u in self.upstreams.values() if not u.migration]:
                     self._drop(src)
                 dest.migration = False
+                self.handover_at.append(len(self.tokens))
+            elif time.monotonic() - dest.started > self.cfg.migration_overlap_s:
+                log.warning("request %s: destination %s produced nothing in %.0fs; migration abandoned", self.id,
+                            dest.inst.host.name, self.cfg.migration_overlap_s)
+                self._drop(dest)
 
     def info(self) -> dict:
         return {"id": self.id, "model": self.model, "tokens": len(self.tokens),
-                "hosts": [u.inst.host.name for u in self.upstreams.values()], "failovers": self.failovers,
-                "migrations": self.migrations}
+                "hosts": [u.inst.host.name for u in self.upstreams.values()], "hosts_used": self.hosts_used,
+                "failovers": self.failovers, "migrations": self.migrations, "handover_at": self.handover_at,
+                "max_gap_s": round(self.max_gap_s, 4)}

@@ -48,6 +48,11 @@ class LocalityPolicy(Policy):
         free = [c for c in warm if c.inflight < spec.target_concurrency]
         if free:
             return min(free, key=lambda c: (c.inflight, c.queue_s))
+        loading = [c for c in candidates if c.tier == "loading"]
+        if loading and not warm:
+            # join the cold start in progress rather than start another (a burst would otherwise load the
+            # model on every host at once, and a load that fails would fail once per host)
+            return min(loading, key=lambda c: c.startup_s)
         cold = [c for c in candidates if c.tier != "gpu"]
         if warm and (loaded >= spec.max_instances or not cold):
             return min(warm, key=lambda c: (c.startup_s, c.inflight))
