@@ -159,3 +159,25 @@ def test_incremental_similarity_equals_direct_cosine(stored, running):
             assert np.allclose(p.prediction, want)
         rows = p.prediction.sum(axis=1)
         assert ((rows < 1e-9) | (rows <= len(running) + 1e-9)).all()
+
+
+def test_prefetch_order_skips_resident_experts_and_keeps_the_head():
+    c = EAMCollection(capacity=8, num_layers=L, num_experts=E)
+    stored = np.zeros((L, E))
+    stored[1] = [4, 3, 2, 1, 0]
+    stored[2] = [0, 0, 0, 0, 4]
+    stored[0, 0] = 1
+    c.add(eam(decode=stored))
+    p = ActivationPredictor(c, top_matches=1)
+    running = np.zeros((L, E), dtype=np.int64)
+    p.begin_forward([running], "decode")
+    running[0, 0] = 1
+    p.observe(0)
+    full = p.prefetch_order(0)
+    # layer 1's probabilities 0.4, 0.3, 0.2, 0.1 weighted 3/4; layer 2's single expert 1.0 weighted 2/4
+    assert full == [(2, 4), (1, 0), (1, 1), (1, 2), (1, 3)]
+    resident = np.zeros((L, E), dtype=bool)
+    resident[2, 4] = resident[1, 1] = True
+    assert p.prefetch_order(0, exclude=resident) == [(1, 0), (1, 2), (1, 3)]
+    assert p.prefetch_order(0, exclude=resident, limit=2) == [(1, 0), (1, 2)]
+    assert p.prefetch_order(0, limit=10) == full

@@ -6,12 +6,15 @@ here; moving the bytes is the copy engine's job.
 
 Slots that the current layer computation is about to read are *protected*: neither a demand fetch for another
 expert of the same layer nor a prefetch may take them until ``release``.
+
+What each slot holds, when it was last used and whether it is protected are kept in per-slot numpy arrays, so
+choosing a victim is a few vectorised operations over the slots, not a Python scan (thousands of slots at full
+model size, and one choice per miss and per prefetch).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import numpy as np
 import torch
 
 from .copy_engine import CopyEngine
@@ -33,17 +36,28 @@ class ExpertCache:
         self.stats = stats
         self.engine = engine
         self._slot_of: dict[Key, int] = {}
-        self._recency: OrderedDict[Key, None] = OrderedDict()  # resident keys, least recently used first
+        self._layer = np.full(num_slots, -1, dtype=np.int64)  # per slot: its expert's MoE layer, -1 when free
+        self._expert = np.zeros(num_slots, dtype=np.int64)
+        self._tick = np.zeros(num_slots, dtype=np.int64)  # last use (or arrival): higher = more recent
+        self._clock = 0
+        self._protected = np.zeros(num_slots, dtype=bool)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first: views stay short
-        self._protected: set[int] = set()
         self._unused_prefetches: set[Key] = set()
+        # [L, E]: whether each expert is resident (prefetch planning skips these without a Python loop)
+        self.resident_mask = np.zeros((store.num_layers, store.num_experts), dtype=bool)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._slot_of
 
     def resident(self) -> list[Key]:
         """Resident keys, least recently used first."""
-        return list(self._recency)
+        slots = np.flatnonzero(self._layer >= 0)
+        slots = slots[np.argsort(self._tick[slots], kind="stable")]
+        return [(int(self._layer[s]), int(self._expert[s])) for s in slots]
+
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self._tick[slot] = self._clock
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Slots holding ``experts`` of ``layer`` (at most ``num_slots`` of them), fetching the missing ones on
@@ -51,7 +65,10 @@ class ExpertCache:
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.num_slots} slots")
         keys = [(layer, e) for e in experts]
-        self._protected = {self._slot_of[k] for k in keys if k in self._slot_of}
+        self._protected[:] = False
+        for k in keys:
+            if k in self._slot_of:
+                self._protected[self._slot_of[k]] = True
         slots = []
         for key in keys:
             slot = self._slot_of.get(key)
@@ -65,14 +82,14 @@ class ExpertCache:
                 if key in self._unused_prefetches:
                     self._unused_prefetches.discard(key)
                     self.stats.prefetches_used[layer] += 1
-            self._protected.add(slot)
-            self._recency.move_to_end(key)
+            self._protected[slot] = True
+            self._touch(slot)
             self.eviction.on_use(key)
             slots.append(slot)
         return slots
 
     def release(self) -> None:
-        self._protected = set()
+        self._protected[:] = False
 
     def prefetch(self, key: Key) -> bool:
         """Start loading ``key`` if a slot can be had for it; False when the eviction policy ranks every
@@ -91,12 +108,14 @@ class ExpertCache:
         """A free slot, or the slot of an evicted expert. ``incoming`` set: a prefetch, which may be refused."""
         if self._free:
             return self._free.pop()
-        candidates = [k for k in self._recency if self._slot_of[k] not in self._protected]
-        if not candidates:
+        candidates = np.flatnonzero(~self._protected)  # no free slot: every slot is occupied
+        if not len(candidates):
             if incoming is not None:
                 return None
             raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
-        victim = self.eviction.victim(candidates)
+        slot = int(candidates[self.eviction.victim(self._layer[candidates], self._expert[candidates],
+                                                   self._tick[candidates])])
+        victim = (int(self._layer[slot]), int(self._expert[slot]))
         if incoming is not None and not self.eviction.admits(incoming, victim):
             return None
         return self._evict(victim)
@@ -105,8 +124,10 @@ class ExpertCache:
         if key in self._unused_prefetches:
             self._unused_prefetches.discard(key)
             self.stats.prefetches_wasted[key[0]] += 1
-        del self._recency[key]
-        return self._slot_of.pop(key)
+        slot = self._slot_of.pop(key)
+        self._layer[slot] = -1
+        self.resident_mask[key] = False
+        return slot
 
     def _load(self, key: Key, slot: int, urgent: bool) -> None:
         layer, expert = key
@@ -118,4 +139,6 @@ class ExpertCache:
         else:
             self.stats.prefetch_bytes[layer] += nbytes
         self._slot_of[key] = slot
-        self._recency[key] = None  # a new arrival counts as most recently used
+        self._layer[slot], self._expert[slot] = layer, expert
+        self.resident_mask[key] = True
+        self._touch(slot)  # a new arrival counts as most recently used

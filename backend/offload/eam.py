@@ -153,16 +153,26 @@ class ActivationPredictor:
                     prediction += _row_normalised(self._stored[chosen].sum(axis=0, dtype=np.float64))
         self.prediction = prediction
 
-    def prefetch_order(self, layer: int) -> list[tuple[int, int]]:
-        """Experts of the layers after ``layer``, most likely first by ``p[i][e] * (1 - (i - layer)/L)``."""
+    def prefetch_order(self, layer: int, exclude: np.ndarray | None = None,
+                       limit: int | None = None) -> list[tuple[int, int]]:
+        """Experts of the layers after ``layer``, most likely first by ``p[i][e] * (1 - (i - layer)/L)``.
+        ``exclude`` (``[L, E]`` bool): experts to leave out (the resident ones); ``limit``: at most this many, the
+        most likely (a partial sort: only the head of the order is ever issued before the next layer's)."""
         future = self.prediction[layer + 1:]
         if not future.size:
             return []
         distance = np.arange(1, len(future) + 1)[:, None]
-        weighted = future * (1.0 - distance / self.num_layers)
-        rows, experts = np.nonzero(weighted > 0)
-        order = np.argsort(-weighted[rows, experts], kind="stable")
-        return [(layer + 1 + int(rows[i]), int(experts[i])) for i in order]
+        weighted = (future * (1.0 - distance / self.num_layers)).ravel()
+        if exclude is not None:
+            weighted = np.where(exclude[layer + 1:].ravel(), 0.0, weighted)
+        cand = np.flatnonzero(weighted > 0)
+        if limit is not None and len(cand) > limit:
+            cand = cand[np.argpartition(-weighted[cand], limit - 1)[:limit]]
+        # stable on the flat (layer, expert) index: equal weights go in layer-then-expert order
+        cand = cand[np.argsort(-weighted[cand], kind="stable")] if limit is None else \
+            cand[np.lexsort((cand, -weighted[cand]))]
+        num_experts = future.shape[1]
+        return [(layer + 1 + int(i) // num_experts, int(i) % num_experts) for i in cand]
 
 
 def _row_normalised(m: np.ndarray) -> np.ndarray:

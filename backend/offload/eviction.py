@@ -1,12 +1,11 @@
 """Which cached expert to evict. Keys are ``(moe_layer, expert)``.
 
-The cache hands each policy the evictable keys in least-recently-used order, so every policy breaks its ties by
-recency and LRU is simply "the first one".
+The cache hands each policy the evictable experts as arrays (their layers, experts and last-use ticks), and every
+policy breaks its ties by recency: among equals, the least recently used goes. LRU is "the lowest tick".
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Protocol
 
 import numpy as np
@@ -14,12 +13,19 @@ import numpy as np
 Key = tuple[int, int]
 
 
+def _least_recent_of_lowest(values: np.ndarray, ticks: np.ndarray) -> int:
+    """Index of the lowest value; among equal lowest values, the one with the lowest tick."""
+    ties = np.flatnonzero(values == values.min())
+    return int(ties[np.argmin(ticks[ties])]) if len(ties) > 1 else int(ties[0])
+
+
 class EvictionPolicy(Protocol):
     def on_use(self, key: Key) -> None:
         """An expert was used by the computation (a hit or a demand fetch; not a prefetch)."""
 
-    def victim(self, candidates: list[Key]) -> Key:
-        """The key to evict among ``candidates`` (non-empty, least recently used first)."""
+    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
+        """Index of the expert to evict among the candidates ``(layers[i], experts[i])`` (non-empty);
+        ``ticks[i]``: its last use, higher = more recent."""
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         """Whether a prefetch of ``incoming`` is worth evicting ``victim``."""
@@ -29,8 +35,8 @@ class LRUEviction:
     def on_use(self, key: Key) -> None:
         pass
 
-    def victim(self, candidates: list[Key]) -> Key:
-        return candidates[0]
+    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
+        return int(np.argmin(ticks))
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         return True
@@ -40,13 +46,24 @@ class LFUEviction:
     """Fewest uses first. Counts belong to the expert and survive its eviction, as MoE-Infinity's visit counts do."""
 
     def __init__(self):
-        self.uses: Counter[Key] = Counter()
+        self.uses = np.zeros((0, 0), dtype=np.int64)  # [layer, expert], grown on demand
 
     def on_use(self, key: Key) -> None:
-        self.uses[key] += 1
+        layer, expert = key
+        if layer >= self.uses.shape[0] or expert >= self.uses.shape[1]:
+            grown = np.zeros((max(layer + 1, self.uses.shape[0]), max(expert + 1, self.uses.shape[1])), np.int64)
+            grown[:self.uses.shape[0], :self.uses.shape[1]] = self.uses
+            self.uses = grown
+        self.uses[layer, expert] += 1
 
-    def victim(self, candidates: list[Key]) -> Key:
-        return min(candidates, key=self.uses.__getitem__)  # min keeps the first of equals: the LRU one
+    def count(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        inside = (layers < self.uses.shape[0]) & (experts < self.uses.shape[1])
+        out = np.zeros(len(layers), dtype=np.int64)
+        out[inside] = self.uses[layers[inside], experts[inside]]
+        return out
+
+    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
+        return _least_recent_of_lowest(self.count(layers, experts), ticks)
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         return True
@@ -67,20 +84,18 @@ class ActivationAwareEviction:
     def on_use(self, key: Key) -> None:
         pass
 
-    def scores(self, keys: list[Key]) -> np.ndarray:
+    def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         p = self._predictor.prediction
         num_layers, num_experts = p.shape
-        layers = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
-        experts = np.fromiter((k[1] for k in keys), dtype=np.int64, count=len(keys))
         # eps on every cell keeps the score defined (and uniform within a layer) when a layer has no prediction
         row_sum = p.sum(axis=1) + num_experts * self.EPS
         return (p[layers, experts] + self.EPS) / row_sum[layers] * (1.0 - layers / num_layers)
 
-    def victim(self, candidates: list[Key]) -> Key:
-        return candidates[int(np.argmin(self.scores(candidates)))]  # argmin keeps the first of equals
+    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
+        return _least_recent_of_lowest(self.scores(layers, experts), ticks)
 
     def admits(self, incoming: Key, victim: Key) -> bool:
-        s_in, s_victim = self.scores([incoming, victim])
+        s_in, s_victim = self.scores(np.array([incoming[0], victim[0]]), np.array([incoming[1], victim[1]]))
         return bool(s_in > s_victim)
 
 

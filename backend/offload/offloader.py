@@ -53,13 +53,15 @@ class Offloader:
         engine = make_copy_engine(device, self.num_slots, self._stats)
         eviction = make_eviction_policy(config.eviction, self.predictor)
         self.cache = ExpertCache(store, self.num_slots, device, eviction, engine, self._stats)
+        window = max(2, PREFETCH_WINDOW_BYTES // store.layout.slot_bytes)
         if config.prefetch == "activation":
-            self.prefetch_policy = ActivationPrefetch(self.predictor)
+            # a layer issues at most ~2 windows (one pump per round, one at its end) before the next replans
+            self.prefetch_policy = ActivationPrefetch(self.predictor, self.cache.resident_mask,
+                                                      limit=min(self.num_slots, 4 * window))
         elif config.prefetch == "lookahead":
             self.prefetch_policy = RouterLookaheadPrefetch(routers)
         else:
             self.prefetch_policy = NoPrefetch()
-        window = max(2, PREFETCH_WINDOW_BYTES // store.layout.slot_bytes)
         self.prefetch_queue = PrefetchQueue(self.cache, window)
         self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
 

@@ -4,9 +4,10 @@ The :class:`PrefetchQueue` issues them a few at a time, so on-demand fetches nev
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .cache import ExpertCache
@@ -27,13 +28,19 @@ class NoPrefetch:
 
 
 class ActivationPrefetch:
-    """MoE-Infinity: the EAMC-matched prediction, layer-proximity weighted, over all coming layers."""
+    """MoE-Infinity: the EAMC-matched prediction, layer-proximity weighted, over all coming layers.
 
-    def __init__(self, predictor: ActivationPredictor):
+    ``resident`` (``[L, E]`` bool, the cache's live mask) leaves out what is already there, and ``limit`` keeps
+    the head of the order only: a layer issues at most a window or two of prefetches before the next layer
+    replaces the plan, so ordering thousands of experts (and building their keys) every layer would be waste."""
+
+    def __init__(self, predictor: ActivationPredictor, resident: np.ndarray | None = None, limit: int | None = None):
         self._predictor = predictor
+        self._resident = resident
+        self._limit = limit
 
     def plan(self, layer: int, hidden_states: torch.Tensor) -> list[Key]:
-        return self._predictor.prefetch_order(layer)
+        return self._predictor.prefetch_order(layer, exclude=self._resident, limit=self._limit)
 
 
 class RouterLookaheadPrefetch:
@@ -49,8 +56,11 @@ class RouterLookaheadPrefetch:
             return []
         # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
         top_k_index = self._routers[layer + 1].forward(hidden_states)[-1]
-        picks = Counter(top_k_index.reshape(-1).tolist())
-        return [(layer + 1, expert) for expert, _ in picks.most_common()]
+        # counted where the routing is (one small read-back, not a Python list of every pick)
+        picks = torch.bincount(top_k_index.reshape(-1)).cpu().numpy()
+        experts = np.flatnonzero(picks)
+        experts = experts[np.argsort(-picks[experts], kind="stable")]  # most picked first; ties by expert id
+        return [(layer + 1, int(e)) for e in experts]
 
 
 class PrefetchQueue:

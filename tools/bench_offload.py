@@ -1,0 +1,625 @@
+"""Expert-offloading benchmark: learned routing replayed on full-size expert shapes, every policy side by side.
+
+What runs: a real transformers model of the target architecture (DeepSeek-V2-Lite: 27 layers, the first dense,
+26 MoE layers x 64 routed experts top-6 + 2 shared, hidden 2048, expert ffn 1408, MLA attention; Qwen3-30B-A3B:
+48 MoE layers x 128 experts top-8, hidden 2048, expert ffn 768, GQA attention) in bf16 with random weights:
+real attention with a KV cache, real shared experts / dense MLP, real LM head, real expert matmuls through the
+same ``Offloader`` the serving engine uses (or transformers' ``grouped_mm`` with every expert on the device for
+the all-resident baseline). Only the routing is not the model's own: each MoE layer's router is replaced by a
+replay of a trace recorded from a small MoE of the same layer x expert x top-k shape trained on real text
+(``tools/train_routing.py``): trained layer ``i`` / expert ``e`` = full-size layer ``i`` / expert ``e``.
+
+Policies (one engine, ``backend/offload``): ``activation`` (MoE-Infinity: activation-aware eviction and EAMC
+prefetch, the EAMC filled from the trace file's held-out ``eamc`` requests, never from the replayed ``eval``
+ones), ``lru`` (on-demand, no prefetch), ``lfu`` (on-demand), ``lookahead`` (LRU eviction, next layer's router
+applied to this layer's expert input -- replayed from the small model, where it was computed for real).
+Baselines: ``resident`` (all experts on the GPU, stock ``grouped_mm``), ``accelerate`` (HF Accelerate
+``dispatch_model`` CPU offload of whole experts modules at the same budget, on a reduced layer count, scaled).
+
+    python -m tritonmoe.tools.bench_offload --shape qwen3 --traces runs/routing/qwen3.npz --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tritonmoe.backend.offload import OffloadConfig, attach_offloading
+from tritonmoe.backend.offload.eam import EAMCollection
+from tritonmoe.backend.offload.host_store import HostExpertStore
+from tritonmoe.backend.offload.layout import ExpertLayout
+from tritonmoe.backend.offload.prefetch import RouterLookaheadPrefetch
+from tritonmoe.tools.train_routing import Traces
+
+POLICIES = {  # name -> (eviction, prefetch)
+    "activation": ("activation", "activation"),
+    "lru": ("lru", "none"),
+    "lfu": ("lfu", "none"),
+    "lookahead": ("lru", "lookahead"),
+}
+
+
+def make_config(shape: str, layers: int | None = None, small: bool = False):
+    """The target architecture's transformers config; ``layers`` MoE layers (default: all); ``small``: tiny
+    hidden sizes for CPU development of this harness (same code path)."""
+    import transformers as tf
+
+    if shape == "dsv2lite":
+        kw = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                  num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+                  n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+                  q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  norm_topk_prob=False, max_position_embeddings=4096)
+        if small:
+            kw.update(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=16)
+        if layers is not None:
+            kw["num_hidden_layers"] = layers + 1
+        cfg = tf.DeepseekV2Config(**kw)
+    elif shape == "qwen3":
+        kw = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                  num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                  num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                  mlp_only_layers=[], max_position_embeddings=4096, use_sliding_window=False)
+        if small:
+            kw.update(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        if layers is not None:
+            kw["num_hidden_layers"] = layers
+        cfg = tf.Qwen3MoeConfig(**kw)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    cfg.tie_word_embeddings = False
+    return cfg
+
+
+def _experts_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "num_experts")]
+
+
+# ------------------------------------------------------------------------------------------------ routing replay
+class Feed:
+    """The routing of the forward about to run, per MoE layer: set by the driver, read by the replay routers."""
+
+    def __init__(self):
+        self.indices: list[torch.Tensor] = []  # per MoE layer [rows, k] int64 on the device
+        self.weights: torch.Tensor | None = None  # [rows, k]
+        self.lookahead: list[torch.Tensor] = []  # per MoE layer l: picks of layer l+1's router, flattened (CPU)
+
+
+class ReplayRouter(torch.nn.Module):
+    """Stands in for MoE layer ``layer``'s router: returns the recorded top-k (uniform weights: the weights change
+    nothing that is timed)."""
+
+    def __init__(self, feed: Feed, layer: int):
+        super().__init__()
+        self.feed, self.layer = feed, layer
+
+    def forward(self, hidden_states):
+        return None, self.feed.weights, self.feed.indices[self.layer]
+
+
+class LookaheadReplay:
+    """What MoE layer ``layer``'s router would pick from the previous layer's expert input, as recorded in the
+    small model (``RouterLookaheadPrefetch`` calls ``routers[l + 1].forward(h)`` at layer ``l``)."""
+
+    def __init__(self, feed: Feed, layer: int):
+        self.feed, self.layer = feed, layer
+
+    def forward(self, hidden_states):
+        return None, None, self.feed.lookahead[self.layer - 1]
+
+
+@dataclass
+class Bench:
+    shape: str
+    traces: Traces
+    device: torch.device
+    dtype: torch.dtype
+    small: bool = False
+    host_layers: int = 8
+
+    def build(self, layers: int | None = None):
+        """The model with random non-expert weights on the device, expert parameters left on the meta device,
+        routers replaced by replays. Returns ``(model, feed, experts_modules)``."""
+        import transformers as tf
+
+        cfg = make_config(self.shape, layers, self.small)
+        with torch.device("meta"):
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
+        experts = _experts_modules(model)
+        # the experts' own shapes: the placeholders attach_offloading leaves behind have none
+        self.expert_shapes = [{n: (tuple(p.shape), p.dtype) for n, p in m.named_parameters(recurse=False)}
+                              for _, m in experts]
+        expert_params = {id(p) for _, m in experts for p in m.parameters(recurse=False)}
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or id(p) in expert_params:
+                    continue
+                t = torch.empty(p.shape, dtype=self.dtype, device=self.device)
+                if p.dim() == 1:
+                    t.fill_(1.0)  # norms
+                else:
+                    t.normal_(0.0, 0.02, generator=gen)
+                module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        rot = model.model.rotary_emb
+        model.model.rotary_emb = type(rot)(config=model.config).to(self.device)  # its buffers were on meta
+        feed = Feed()
+        for i, (name, _) in enumerate(experts):
+            block = model.get_submodule(name.rpartition(".")[0])
+            block.gate = ReplayRouter(feed, i)
+        model.eval()
+        return model, feed, [m for _, m in experts]
+
+    def random_bytes(self, nbytes: int, seed: int) -> torch.Tensor:
+        """``nbytes`` of random bf16 values (std 0.02) on the device, as uint8."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return (torch.randn(nbytes // 2, generator=g, device=self.device, dtype=torch.float32) * 0.02).to(
+            torch.bfloat16).view(torch.uint8)
+
+    def host_store(self, modules) -> HostExpertStore:
+        """Pinned host tier. ``host_layers`` distinct layers' bytes, reused cyclically by the MoE layers (layer
+        ``l`` reads buffer ``l % host_layers``): every copy still moves its full expert from pinned host memory,
+        and each buffer (>= 1 GB) is far larger than any CPU cache, so this only saves host memory."""
+        layout = ExpertLayout.of_experts_module(modules[0])
+        E = modules[0].num_experts
+        pin = self.device.type == "cuda"
+        n = len(modules) if self.host_layers <= 0 else min(self.host_layers, len(modules))
+        bufs = []
+        for i in range(n):
+            buf = torch.empty((E, layout.slot_bytes), dtype=torch.uint8, pin_memory=pin)
+            buf.view(-1).copy_(self.random_bytes(buf.numel(), seed=100 + i))
+            bufs.append(buf)
+        return HostExpertStore(layout, [bufs[i % n] for i in range(len(modules))])
+
+    def make_resident(self, modules) -> None:
+        """Every expert on the device (distinct random weights per layer), stock ``grouped_mm``."""
+        for i, m in enumerate(modules):
+            for name, (shape, dtype) in self.expert_shapes[i].items():
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                t = self.random_bytes(nbytes, seed=200 + i).view(dtype).view(shape)
+                m._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+
+    def drop_resident(self, modules) -> None:
+        """Expert parameters back to shaped meta tensors: frees resident weights, and lets ``attach_offloading``
+        read the layout again after an earlier offloader left 0-size placeholders."""
+        for i, m in enumerate(modules):
+            for name, (shape, dtype) in self.expert_shapes[i].items():
+                m._parameters[name] = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"),
+                                                         requires_grad=False)
+
+
+def eamc_file(traces: Traces, gen_len: int, capacity: int, path: str) -> int:
+    """An EAMC filled with the trace file's ``eamc`` requests (prompt + ``gen_len`` decode tokens), saved."""
+    coll = EAMCollection(capacity, traces.layers, traces.num_experts)
+    for r in traces.indices("eamc"):
+        coll.add(traces.eam(r, gen_len))
+    coll.save(path)
+    return len(coll)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_TOTALS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted", "demand_bytes",
+           "prefetch_bytes", "stall_s")
+
+
+def _snap(offloader) -> dict:
+    if offloader is None:
+        return {k: 0 for k in _TOTALS}
+    s = offloader.stats()
+    return {k: s[k] for k in _TOTALS}
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in _TOTALS}
+
+
+def _rates(d: dict) -> dict:
+    r = lambda n, m: n / m if m else 0.0  # noqa: E731
+    return {"hit_rate": r(d["hits"], d["uses"]),
+            "prefetch_precision": r(d["prefetches_used"], d["prefetches_used"] + d["prefetches_wasted"]),
+            "prefetch_recall": r(d["prefetches_used"], d["prefetches_used"] + d["misses"])}
+
+
+def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,
+                 warmup: int, lookahead: bool, first_moe: int = 0) -> dict:
+    """Prefill + ``gen_len`` decode steps for each group of request ids; the first ``warmup`` groups are not
+    counted (they warm the kernels and the cache). Returns times and per-phase stats deltas."""
+    from transformers import DynamicCache
+
+    L = len(_experts_modules(model))
+    P = traces.prompt_len
+    k = traces.top_k
+    ttft, steps = [], []
+    phase_stats = {"prefill": {key: 0 for key in _TOTALS}, "decode": {key: 0 for key in _TOTALS}}
+    vocab = model.config.vocab_size
+    for gi, group in enumerate(groups):
+        B = len(group)
+        counted = gi >= warmup
+        routes = torch.as_tensor(traces.experts[group][:, first_moe:first_moe + L].astype(np.int64))  # [B,L,T,k]
+        seq_ids = [f"g{gi}r{r}" for r in group]
+        ids = torch.randint(0, vocab, (B, P), device=device, generator=torch.Generator(device=device).manual_seed(gi))
+        cache = DynamicCache(config=model.config)
+        # prefill: rows are (b, t) flattened, as the offloader's begin_forward expects
+        feed.indices = [routes[:, l, :P].reshape(B * P, k).to(device) for l in range(L)]
+        feed.weights = torch.full((B * P, k), 1.0 / k, dtype=model.dtype, device=device)
+        if lookahead:
+            counts = traces.lookahead_prefill[group][:, first_moe:first_moe + L - 1].astype(np.int64).sum(axis=0)  # [L-1, E]
+            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c)) for c in counts]
+        s0 = _snap(offloader)
+        if offloader is not None:
+            offloader.begin_forward(seq_ids, "prefill")
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        s1 = _snap(offloader)
+        dec_routes = [routes[:, l, P:P + gen_len].to(device) for l in range(L)]  # [B, G, k] per layer
+        feed.weights = torch.full((B, k), 1.0 / k, dtype=model.dtype, device=device)
+        for t in range(gen_len):
+            feed.indices = [dec_routes[l][:, t] for l in range(L)]
+            if lookahead:
+                la = traces.lookahead[group][:, first_moe:first_moe + L - 1, t]  # [B, L-1, k]
+                feed.lookahead = [torch.as_tensor(la[:, l].astype(np.int64)).reshape(-1) for l in range(L - 1)]
+            if offloader is not None:
+                offloader.begin_forward(seq_ids, "decode")
+            ts = time.perf_counter()
+            with torch.no_grad():
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            if counted:
+                steps.append(time.perf_counter() - ts)
+        s2 = _snap(offloader)
+        if offloader is not None:
+            for s in seq_ids:
+                offloader.end_sequence(s)
+        if counted:
+            ttft.append(t1 - t0)
+            for key, v in _delta(s0, s1).items():
+                phase_stats["prefill"][key] += v
+            for key, v in _delta(s1, s2).items():
+                phase_stats["decode"][key] += v
+        del cache, out
+    return {"ttft_s": statistics.mean(ttft), "tpot_s": statistics.mean(steps),
+            "tpot_median_s": statistics.median(steps), "decode_steps": len(steps), "groups": len(groups) - warmup,
+            "phase_stats": phase_stats}
+
+
+def measure_h2d(device, nbytes: int = 1 << 30, reps: int = 10) -> dict:
+    """Host-to-device copy bandwidth, pinned and pageable, median of ``reps`` (CUDA events)."""
+    if device.type != "cuda":
+        return {"pinned_GBps": float("nan"), "pageable_GBps": float("nan")}
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out = {}
+    for name, pin in (("pinned", True), ("pageable", False)):
+        src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pin)
+        times = []
+        for _ in range(reps + 2):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=pin)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        out[f"{name}_GBps"] = nbytes / statistics.median(times[2:]) / 1e9
+        del src
+    del dst
+    return out
+
+
+def groups_for(traces: Traces, batch: int, n_groups: int) -> list[list[int]]:
+    ev = [int(r) for r in traces.indices("eval")]
+    need = batch * n_groups
+    if len(ev) < need:
+        raise ValueError(f"{len(ev)} eval requests in the trace file; {n_groups} groups of {batch} need {need}")
+    return [ev[i * batch:(i + 1) * batch] for i in range(n_groups)]
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_shape(args, traces: Traces, device, log, save=lambda results: None) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    bench = Bench(args.shape, traces, device, dtype, small=args.small, host_layers=args.host_layers)
+    results = []
+    t_build = time.perf_counter()
+    model, feed, modules = bench.build()
+    if len(modules) != traces.layers or modules[0].num_experts != traces.num_experts:
+        raise ValueError(f"trace file is {traces.layers} x {traces.num_experts}; the {args.shape} model has "
+                         f"{len(modules)} x {modules[0].num_experts}")
+    store = bench.host_store(modules)
+    slot_bytes = store.layout.slot_bytes
+    log(f"[{args.shape}] built in {time.perf_counter() - t_build:.1f}s: {len(modules)} MoE layers x "
+        f"{modules[0].num_experts} experts, {slot_bytes / 2**20:.2f} MiB per expert slot, host tier "
+        f"{store.total_bytes / 1e9:.1f} GB ({args.host_layers or len(modules)} distinct layers pinned)")
+    tmp = tempfile.mkdtemp(prefix="bench-eamc-")
+    eamc_master = os.path.join(tmp, "eamc.npy")
+    n_eamc = eamc_file(traces, args.new_tokens, args.eamc_capacity, eamc_master)
+    common = dict(shape=args.shape, slot_bytes=slot_bytes, layers=len(modules),
+                  experts=modules[0].num_experts, top_k=traces.top_k, new_tokens=args.new_tokens,
+                  prompt_len=traces.prompt_len, eamc_entries=n_eamc)
+
+    for batch in args.batch:
+        n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
+        groups = groups_for(traces, batch, n_groups)
+        if "resident" in args.policies:
+            bench.make_resident(modules)
+            model.set_experts_implementation("grouped_mm")
+            r = run_requests(model, feed, traces, groups, args.new_tokens, device, None, args.warmup, False)
+            bench.drop_resident(modules)
+            _free(device)
+            res = dict(common, policy="resident", batch=batch, budget_pct=100, **_summary(r, slot_bytes))
+            results.append(res)
+            log(_line(res))
+        for budget in args.budgets:
+            for policy in [p for p in args.policies if p in POLICIES]:
+                eviction, prefetch = POLICIES[policy]
+                eamc_path = os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy")
+                shutil.copy(eamc_master, eamc_path)  # each run starts from the same collection
+                bench.drop_resident(modules)
+                cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
+                                    eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
+                off = attach_offloading(model, cfg, device=device, host_store=store)
+                if policy == "lookahead":
+                    off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i)
+                                                                   for i in range(len(modules))])
+                r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
+                                 policy == "lookahead")
+                off.close()
+                res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
+                           **_summary(r, slot_bytes))
+                del off
+                _free(device)
+                results.append(res)
+                log(_line(res))
+                save(results)
+    del model, store
+    _free(device)
+    if "accelerate" in args.policies:
+        results += bench_accelerate(args, bench, traces, common, log)
+        save(results)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log) -> list[dict]:
+    """HF Accelerate ``dispatch_model`` with whole experts modules offloaded to the CPU (its granularity): the
+    first ``budget`` share of the MoE layers keep their experts on the GPU. Run on ``accelerate_layers`` MoE
+    layers (the others' cost is the same per layer), time per token scaled by ``layers / accelerate_layers``."""
+    from accelerate import dispatch_model
+
+    out = []
+    La = args.accelerate_layers
+    for batch in args.batch:
+        groups = groups_for(traces, batch, args.warmup + 1)
+        for budget in args.accelerate_budgets:
+            model, feed, modules = bench.build(La)
+            names = [n for n, _ in _experts_modules(model)]
+            on_gpu = int(budget / 100 * La + 1e-9)
+            for i, m in enumerate(modules):
+                for name, p in list(m._parameters.items()):
+                    t = bench.random_bytes(p.numel() * p.element_size(), seed=300 + i).view(p.dtype).view(p.shape)
+                    m._parameters[name] = torch.nn.Parameter(t.cpu() if i >= on_gpu else t, requires_grad=False)
+            dev = (bench.device.index or 0) if bench.device.type == "cuda" else "cpu"
+            device_map = {}
+
+            def assign(module, prefix):  # experts modules by budget; everything else on the GPU, as coarse as can be
+                for cname, child in module.named_children():
+                    full = f"{prefix}.{cname}" if prefix else cname
+                    if full in names:
+                        device_map[full] = dev if names.index(full) < on_gpu else "cpu"
+                    elif any(n.startswith(full + ".") for n in names):
+                        assign(child, full)
+                    else:
+                        device_map[full] = dev
+
+            assign(model, "")
+            model.set_experts_implementation("grouped_mm")
+            model = dispatch_model(model, device_map=device_map, main_device=dev)
+            gen = min(args.accelerate_tokens, args.new_tokens)
+            r = run_requests(model, feed, traces, groups, gen, bench.device, None, args.warmup, False)
+            scale = common["layers"] / La
+            res = dict(common, policy="accelerate", batch=batch, budget_pct=budget, accelerate_layers=La,
+                       accelerate_experts_layers_on_gpu=on_gpu, new_tokens=gen, scale=scale,
+                       **_summary(r, common["slot_bytes"]))
+            res["measured_tpot_s"], res["measured_ttft_s"] = res["tpot_s"], res["ttft_s"]
+            res["tpot_s"], res["ttft_s"] = res["tpot_s"] * scale, res["ttft_s"] * scale
+            out.append(res)
+            log(_line(res))
+            del model, feed, modules
+            _free(bench.device)
+    return out
+
+
+def _summary(r: dict, slot_bytes: int) -> dict:
+    dec, pre = r["phase_stats"]["decode"], r["phase_stats"]["prefill"]
+    steps = max(1, r["decode_steps"])
+    d = {"ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "tpot_median_s": r["tpot_median_s"],
+         "decode_steps": r["decode_steps"], "groups": r["groups"]}
+    for name, s in (("decode", dec), ("prefill", pre)):
+        for key, v in _rates(s).items():
+            d[f"{name}_{key}"] = v
+    d["decode_uses_per_step"] = dec["uses"] / steps
+    d["decode_misses_per_step"] = dec["misses"] / steps
+    d["decode_demand_bytes_per_step"] = dec["demand_bytes"] / steps
+    d["decode_prefetch_bytes_per_step"] = dec["prefetch_bytes"] / steps
+    d["decode_stall_s_per_step"] = dec["stall_s"] / steps
+    d["prefill_demand_bytes"] = pre["demand_bytes"] / max(1, r["groups"])
+    d["prefill_prefetch_bytes"] = pre["prefetch_bytes"] / max(1, r["groups"])
+    return d
+
+
+def _line(r: dict) -> str:
+    return (f"  {r['policy']:>10} B={r['batch']} budget={r['budget_pct']:>3}%  TPOT {r['tpot_s'] * 1e3:8.2f} ms  "
+            f"TTFT {r['ttft_s'] * 1e3:8.1f} ms  hit {r['decode_hit_rate']:.3f}  prec "
+            f"{r['decode_prefetch_precision']:.3f}  rec {r['decode_prefetch_recall']:.3f}  "
+            f"miss/step {r['decode_misses_per_step']:.1f}")
+
+
+def add_bounds(results: list[dict], h2d_GBps: float) -> None:
+    """Per result: the physical bound ``(1 - hit) x expert bytes used per step / H2D`` (= demand bytes per step
+    / H2D), the same with every byte moved (prefetches too), and the issue's ratios."""
+    resident = {(r["shape"], r["batch"]): r["tpot_s"] for r in results if r["policy"] == "resident"}
+    by = {(r["shape"], r["batch"], r["budget_pct"], r["policy"]): r for r in results}
+    for r in results:
+        bw = h2d_GBps * 1e9
+        r["bound_transfer_s"] = (1 - r["decode_hit_rate"]) * r["decode_uses_per_step"] * r["slot_bytes"] / bw
+        r["bound_all_bytes_s"] = (r["decode_demand_bytes_per_step"] + r["decode_prefetch_bytes_per_step"]) / bw
+        res = resident.get((r["shape"], r["batch"]))
+        if res is not None:
+            r["bound_s"] = max(res, r["bound_transfer_s"])
+            r["tpot_over_bound"] = r["tpot_s"] / r["bound_s"]
+            r["tpot_over_resident"] = r["tpot_s"] / res
+        if r["policy"] == "activation":
+            for base in ("lru", "lfu", "lookahead", "accelerate"):
+                b = by.get((r["shape"], r["batch"], r["budget_pct"], base))
+                if b is not None:
+                    r[f"speedup_vs_{base}"] = b["tpot_s"] / r["tpot_s"]
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| shape | batch | budget | policy | TPOT ms | TTFT ms | decode hit | precision | recall | "
+            "bound ms | TPOT / bound | TPOT / resident |", "|" + " --- |" * 12]
+    for r in results:
+        f = lambda k, s=1.0, fmt="{:.2f}": fmt.format(r[k] * s) if k in r else "–"  # noqa: E731
+        rows.append(f"| {r['shape']} | {r['batch']} | {r['budget_pct']}% | {r['policy']} | {f('tpot_s', 1e3)} | "
+                    f"{f('ttft_s', 1e3, '{:.0f}')} | {f('decode_hit_rate', 1, '{:.3f}')} | "
+                    f"{f('decode_prefetch_precision', 1, '{:.3f}')} | {f('decode_prefetch_recall', 1, '{:.3f}')} | "
+                    f"{f('bound_s', 1e3)} | {f('tpot_over_bound')} | {f('tpot_over_resident')} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for shape in sorted({r["shape"] for r in results}):
+        batches = sorted({r["batch"] for r in results if r["shape"] == shape})
+        fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+        for j, b in enumerate(batches):
+            rs = [r for r in results if r["shape"] == shape and r["batch"] == b]
+            budgets = sorted({r["budget_pct"] for r in rs if r["policy"] in POLICIES})
+            for policy in POLICIES:
+                pts = sorted((r["budget_pct"], r["tpot_s"] * 1e3, r["decode_hit_rate"]) for r in rs
+                             if r["policy"] == policy)
+                if pts:
+                    axes[0, j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=policy)
+                    axes[1, j].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=policy)
+            bound = sorted((r["budget_pct"], r["bound_s"] * 1e3) for r in rs if r["policy"] == "activation"
+                           and "bound_s" in r)
+            if bound:
+                axes[0, j].plot([p[0] for p in bound], [p[1] for p in bound], "k--", label="bound (activation)")
+            for r in rs:
+                if r["policy"] == "resident":
+                    axes[0, j].axhline(r["tpot_s"] * 1e3, color="gray", ls=":", label="all resident")
+                if r["policy"] == "accelerate":
+                    axes[0, j].plot([r["budget_pct"]], [r["tpot_s"] * 1e3], "rx", ms=10,
+                                    label="accelerate (scaled)")
+            axes[0, j].set_yscale("log")
+            axes[0, j].set_title(f"{shape}, batch {b}: time per output token")
+            axes[0, j].set_ylabel("ms")
+            axes[1, j].set_title(f"{shape}, batch {b}: decode hit rate")
+            axes[1, j].set_xlabel("GPU expert budget (% of routed experts)")
+            for ax in axes[:, j]:
+                ax.set_xticks(budgets)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{prefix}_{shape}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", action="append", choices=["dsv2lite", "qwen3"], required=True)
+    p.add_argument("--traces", action="append", required=True, help="trace file per --shape, same order")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--small", action="store_true", help="tiny hidden sizes: develop the harness on a CPU")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
+    p.add_argument("--policies", nargs="+", default=["resident", *POLICIES, "accelerate"])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1, help="groups run first and not counted")
+    p.add_argument("--groups-b1", type=int, default=3, help="measured requests at batch 1")
+    p.add_argument("--groups-bn", type=int, default=1, help="measured batches at batch > 1")
+    p.add_argument("--eamc-capacity", type=int, default=120)
+    p.add_argument("--host-layers", type=int, default=8, help="distinct pinned host layers (0: one per layer)")
+    p.add_argument("--accelerate-layers", type=int, default=4)
+    p.add_argument("--accelerate-budgets", type=int, nargs="+", default=[25])
+    p.add_argument("--accelerate-tokens", type=int, default=8)
+    p.add_argument("--out", default="runs/bench_offload.json")
+    p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload")
+    a = p.parse_args(argv)
+    if len(a.shape) != len(a.traces):
+        raise SystemExit("give one --traces per --shape")
+    device = torch.device(a.device)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    env = {"command": "python -m tritonmoe.tools.bench_offload " + " ".join(argv if argv is not None else
+                                                                           __import__("sys").argv[1:]),
+           "date": started, "host": platform.node(), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(json.dumps(env))
+    env["h2d"] = measure_h2d(device)
+    log(f"H2D: {env['h2d']}")
+    results = []
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
+    def save(rs):  # after every configuration: a failure or a timeout later keeps what was measured
+        h2d = env["h2d"]["pinned_GBps"]
+        add_bounds(rs, h2d if h2d == h2d else 1.0)
+        with open(a.out, "w") as f:
+            json.dump({"env": env, "results": rs}, f, indent=1)
+
+    for shape, path in zip(a.shape, a.traces):
+        args = argparse.Namespace(**{**vars(a), "shape": shape})
+        traces = Traces(path)
+        env[f"traces_{shape}"] = {"path": path, **{k: traces.meta[k] for k in ("train_steps", "train_seconds",
+                                                                              "device", "tokens_seen")
+                                                  if k in traces.meta}, "final_lm_loss": traces.meta["curve"][-1][2]}
+        done = list(results)
+        results = done + bench_shape(args, traces, device, log, save=lambda rs: save(done + rs))
+        save(results)
+    log(table(results))
+    if a.plot_prefix:
+        log("plots: " + ", ".join(plot(results, a.plot_prefix)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
