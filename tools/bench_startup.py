@@ -34,7 +34,8 @@ from pathlib import Path
 from . import tiny_models
 from .client import generate, load_model, unload_model
 from .model_config import read_config, with_overrides
-from .tritonserver import TritonServer, free_port, tritonmoe_home
+from .serve import spawn_loader
+from .tritonserver import TritonServer, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "startup_moe"
@@ -95,28 +96,6 @@ def wait_unloaded(server: TritonServer, timeout: float = 120) -> None:
     raise TimeoutError(f"{MODEL} did not unload within {timeout}s")
 
 
-def start_loader(root: Path, dram_bytes: int) -> tuple[subprocess.Popen, str, Path]:
-    from tritonmoe.loader.client import LoaderClient, LoaderError
-
-    port = free_port()
-    shm = Path("/dev/shm") / f"tritonmoe-bench-startup-{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "service.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(root), "--port",
-                                 str(port), "--shm-dir", str(shm), "--dram-budget", str(dram_bytes),
-                                 "--disk-budget", "1GiB"], stdout=subprocess.DEVNULL, stderr=log)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:
-            LoaderClient(url, timeout=5).health()
-            return proc, url, shm
-        except LoaderError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"the loader service did not start (see {root / 'service.log'})") from None
-            time.sleep(0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
@@ -149,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if "loader" in a.paths:
             from tritonmoe.loader.client import LoaderClient
 
-            loader, url, shm = start_loader(work / "loader", int(nbytes * 1.2) + (256 << 20))
+            shm = Path("/dev/shm") / f"tritonmoe-bench-startup-{os.getpid()}"
+            loader, url = spawn_loader(work / "loader", shm, int(nbytes * 1.2) + (256 << 20))
             t = time.perf_counter()
             client = LoaderClient(url)
             client.register(MODEL, converted)

@@ -142,35 +142,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
     """Convert ``checkpoint`` once (a no-op when already done), start a loader service on a free loopback port and
-    wait until it answers. Returns the process, its URL and the converted folder."""
-    from tritonmoe.loader.client import LoaderClient, LoaderError
+    wait until it answers. Returns the process (``.shm_dir``: its DRAM cache), its URL and the converted folder."""
     from tritonmoe.loader.convert import convert
 
     t = time.perf_counter()
     converted = convert(checkpoint, tritonmoe_home() / "converted" / checkpoint.name, progress=False).dest
     say(f"converted checkpoint: {converted} ({time.perf_counter() - t:.2f}s)")
-    port, root = free_port(), tritonmoe_home() / "loader"
-    shm_dir = Path("/dev/shm") / f"tritonmoe-main-loader-{os.getuid()}"  # removed again when the job ends
+    root = tritonmoe_home() / "loader"
+    proc, url = spawn_loader(root, Path("/dev/shm") / f"tritonmoe-main-loader-{os.getuid()}", dram_budget)
+    say(f"loader service up at {url} (DRAM budget {dram_budget}; log {root / 'service.log'})")
+    return proc, url, converted
+
+
+def spawn_loader(root: Path, shm_dir: Path, dram_budget: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """A loader service process on a free loopback port (log: ``root/service.log``), once it answers."""
+    from tritonmoe.loader.client import LoaderClient, LoaderError
+
+    port = free_port()
     root.mkdir(parents=True, exist_ok=True)
-    log_path = root / "service.log"
-    with open(log_path, "ab") as log_file:
+    with open(root / "service.log", "ab") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(root), "--port",
-                                 str(port), "--shm-dir", str(shm_dir), "--dram-budget", dram_budget,
+                                 str(port), "--shm-dir", str(shm_dir), "--dram-budget", str(dram_budget),
                                  "--disk-budget", "1GiB"], stdout=subprocess.DEVNULL, stderr=log_file)
-    proc.shm_dir = shm_dir
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    proc.shm_dir = shm_dir  # the caller removes it once the process is gone
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while True:
         try:
-            client = LoaderClient(url, timeout=5)
-            client.health()
-            break
+            LoaderClient(url, timeout=5).health()
+            return proc, url
         except LoaderError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise TritonError(f"the loader service did not start (log: {log_path})") from None
+                raise TritonError(f"the loader service did not start (log: {root / 'service.log'})") from None
             time.sleep(0.2)
-    say(f"loader service up at {url} (DRAM budget {dram_budget}; log {log_path})")
-    return proc, url, converted
 
 
 if __name__ == "__main__":
