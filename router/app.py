@@ -370,10 +370,12 @@ class Router:
         if session is None:
             raise RouterError(404, f"no running request {request.match_info['rid']!r}")
         body = await self._body(request) if request.can_read_body else {}
-        target = body.get("host")
+        target, at_token = body.get("host"), body.get("at_token")
         if target is not None and target not in {h.name for h in self.hosts}:
             raise RouterError(400, f"unknown host {target!r}")
-        await session.migrate(target)
+        if at_token is not None and (not isinstance(at_token, int) or at_token < 1):
+            raise RouterError(400, "'at_token' must be an integer >= 1")
+        await session.migrate(target, at_token)
         return web.json_response({"migrating": session.id, "info": session.info()})
 
     async def h_drain(self, request):

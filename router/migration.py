@@ -82,6 +82,8 @@ class StreamSession:
         self.migrate_to: asyncio.Queue = asyncio.Queue()
         self.max_gap_s = 0.0  # longest pause between client deltas after the first (migration stall)
         self.handover_at: list[int] = []  # token positions where a migration's source was stopped
+        self.migration_log: list[dict] = []
+        self.scheduled: list[tuple[int, str | None]] = []  # (token position, target) of planned migrations
 
     # ---- upstream tasks ----------------------------------------------------------------------------------------
     async def _open(self, exclude: set[str] = frozenset(), host: str | None = None, migration: bool = False):
@@ -182,6 +184,13 @@ class StreamSession:
                 if delta.finish_reason:
                     return
             self._maybe_handover()
+            due = [m for m in self.scheduled if m[0] <= len(self.tokens)]
+            for m in due:
+                self.scheduled.remove(m)
+                try:
+                    await self._start_migration(m[1])
+                except RouterError as e:
+                    log.warning("request %s: scheduled migration failed: %s", self.id, e)
 
     def _merge(self, up: _Upstream, chunk: upstream.Chunk) -> Delta | None:
         if chunk.num_input_tokens:
@@ -237,8 +246,12 @@ class StreamSession:
             return False
 
     # ---- planned migration -------------------------------------------------------------------------------------
-    async def migrate(self, target: str | None = None) -> None:
-        """Ask the running stream to move to ``target`` (a host name; None: the policy's choice elsewhere)."""
+    async def migrate(self, target: str | None = None, at_token: int | None = None) -> None:
+        """Ask the running stream to move to ``target`` (a host name; None: the policy's choice elsewhere), now
+        or once ``at_token`` tokens have been sent (then this returns at once)."""
+        if at_token is not None and at_token > len(self.tokens):
+            self.scheduled.append((at_token, target))
+            return
         fut = asyncio.get_running_loop().create_future()
         await self.migrate_to.put((target, fut))
         await fut
@@ -253,6 +266,7 @@ class StreamSession:
         if target in current:
             raise RouterError(409, f"request already runs on {target}")
         self.migrations += 1
+        self.migration_log.append({"start_token": len(self.tokens), "t": time.monotonic()})
         up = await self._open(exclude=current, host=target, migration=True)
         log.info("request %s: migrating %s -> %s at token %d", self.id, sorted(current), up.inst.host.name,
                  len(self.tokens))
@@ -266,6 +280,9 @@ class StreamSession:
                     self._drop(src)
                 dest.migration = False
                 self.handover_at.append(len(self.tokens))
+                if self.migration_log:
+                    self.migration_log[-1].update(handover_token=len(self.tokens), dest_token=dest.tokens_end,
+                                                  warmup_s=round(time.monotonic() - self.migration_log[-1]["t"], 4))
             elif time.monotonic() - dest.started > self.cfg.migration_overlap_s:
                 log.warning("request %s: destination %s produced nothing in %.0fs; migration abandoned", self.id,
                             dest.inst.host.name, self.cfg.migration_overlap_s)
@@ -275,4 +292,5 @@ class StreamSession:
         return {"id": self.id, "model": self.model, "tokens": len(self.tokens),
                 "hosts": [u.inst.host.name for u in self.upstreams.values()], "hosts_used": self.hosts_used,
                 "failovers": self.failovers, "migrations": self.migrations, "handover_at": self.handover_at,
-                "max_gap_s": round(self.max_gap_s, 4)}
+                "max_gap_s": round(self.max_gap_s, 4),
+                "migration_log": [{k: v for k, v in m.items() if k != "t"} for m in self.migration_log]}

@@ -169,32 +169,36 @@ def test_bad_requests_get_clear_4xx(cluster, path, body, status, fragment):
         "num_output_tokens"] == 2
 
 
-def run_stream(cluster, model, prompt, params, migrate_after=None):
-    """(token ids, text, request id) of one generate_stream; optionally migrate it after some events."""
+def run_stream(cluster, model, prompt, params, migrate_at=None):
+    """(token ids, text, request id) of one generate_stream; optionally migrated once ``migrate_at`` tokens are
+    out (scheduled in the router: the client reads far behind a tiny model's generation)."""
     rid, ids, text = {}, [], []
     body = {"text_input": prompt, "stream": True, "parameters": params}
-    for n, ev in enumerate(sse(cluster, f"/v2/models/{model}/generate_stream", body,
-                               on_open=lambda h: rid.update(id=h["X-Request-Id"])), 1):
+
+    def opened(headers):
+        rid["id"] = headers["X-Request-Id"]
+        if migrate_at:
+            api(cluster, f"/admin/requests/{rid['id']}/migrate", {"at_token": migrate_at})
+
+    for ev in sse(cluster, f"/v2/models/{model}/generate_stream", body, on_open=opened):
         ids += ev["output_token_ids"]
         text.append(ev["text_output"])
-        if n == migrate_after:
-            api(cluster, f"/admin/requests/{rid['id']}/migrate", {})
     return ids, "".join(text), rid["id"]
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 50, "seed": 1234}],
                          ids=["greedy", "seeded"])
 def test_live_migration_keeps_the_stream_identical(cluster, tiny, reference, sampling):
-    params = {"max_tokens": 160, "ignore_eos": True, **sampling}
+    params = {"max_tokens": 400, "ignore_eos": True, **sampling}
     base_ids, base_text, _ = run_stream(cluster, "greedy", PROMPTS[3], params)
-    ids, text, rid = run_stream(cluster, "greedy", PROMPTS[3], params, migrate_after=3)
+    ids, text, rid = run_stream(cluster, "greedy", PROMPTS[3], params, migrate_at=8)
     info = finished(cluster, rid)
     assert info["migrations"] == 1 and len(set(info["hosts_used"])) == 2, info
-    assert info["handover_at"] and info["handover_at"][0] < 160, "the source was never stopped mid-stream"
+    assert info["handover_at"] and info["handover_at"][0] < 400, f"the source was never stopped mid-stream: {info}"
     assert ids == base_ids and text == base_text  # no gap, duplicate or lost token
-    assert len(ids) == 160
+    assert len(ids) == 400
     if not sampling:
-        ref_ids = reference(tiny("mixtral"), PROMPTS[3], 160)[0]  # stops at EOS; the stream ignores it
+        ref_ids = reference(tiny("mixtral"), PROMPTS[3], 400)[0]  # stops at EOS; the stream ignores it
         assert ids[:len(ref_ids)] == ref_ids
 
 
@@ -202,10 +206,10 @@ def test_unseeded_sampled_requests_get_a_seed_and_migrate_identically(cluster):
     """The router seeds sampled requests that came without a seed, so their migrated continuation is the same
     sample the source would have drawn (checked by the router's merge: diverging tokens would drop the
     destination and leave no handover)."""
-    ids, _, rid = run_stream(cluster, "greedy", PROMPTS[0], {"max_tokens": 120, "ignore_eos": True,
-                                                            "temperature": 1.0}, migrate_after=3)
+    ids, _, rid = run_stream(cluster, "greedy", PROMPTS[0], {"max_tokens": 400, "ignore_eos": True,
+                                                            "temperature": 1.0}, migrate_at=8)
     info = finished(cluster, rid)
-    assert len(ids) == 120 and info["migrations"] == 1 and info["handover_at"], info
+    assert len(ids) == 400 and info["migrations"] == 1 and info["handover_at"], info
 
 
 def test_keep_alive_expiry_scales_to_zero(cluster):
