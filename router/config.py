@@ -141,6 +141,7 @@ class RouterConfig:
     load_timeout_s: float = 300.0
     load_failure_backoff_s: float = 30.0  # a failed load is not retried for this long: the error is returned
     max_failovers: int = 3
+    probe_interval_s: float = 30.0        # idle instances get a one-token probe this often (dead stubs)
     migration_overlap_s: float = 10.0     # a migration destination silent this long is abandoned
     seed_sampled: bool = True             # give unseeded sampled requests a seed so they stay migratable
 
@@ -167,7 +168,7 @@ class RouterConfig:
         if cfg.policy not in POLICIES:
             raise ConfigError(f"'policy' must be one of {POLICIES}, got {cfg.policy!r}")
         for key in ("poll_interval_s", "first_token_timeout_s", "token_timeout_s", "load_timeout_s",
-                    "load_failure_backoff_s", "migration_overlap_s"):
+                    "load_failure_backoff_s", "migration_overlap_s", "probe_interval_s"):
             if key in doc:
                 v = doc[key]
                 if not isinstance(v, (int, float)) or v <= 0:

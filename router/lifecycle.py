@@ -278,6 +278,18 @@ class Manager:
         return self.instance_seconds + sum(now - i.loaded_at for h in self.hosts for i in h.instances.values()
                                            if i.state == "ready" and i.loaded_at)
 
+    async def _probe_idle(self, now: float) -> None:
+        """Find dead stubs on idle instances before a request does (Triton 2.51 keeps such models READY)."""
+        due = [i for h in self.hosts if h.healthy for i in h.instances.values()
+               if i.state == "ready" and i.inflight == 0 and now - max(i.last_used, i.probed) > self.cfg.probe_interval_s]
+        if not due:
+            return
+        results = await asyncio.gather(*(upstream.probe(i.host.client, i.model, 5.0) for i in due))
+        for inst, err in zip(due, results):
+            inst.probed = time.monotonic()
+            if err is not None and err.kind == "stub" and inst.inflight == 0:
+                self.mark_dead(inst, f"idle probe: {err}")
+
     # ---- keep-alive and minimum instances ----------------------------------------------------------------------
     async def start(self) -> None:
         self.task = asyncio.create_task(self._loop())
@@ -300,6 +312,7 @@ class Manager:
 
     async def tick(self) -> None:
         now = time.monotonic()
+        await self._probe_idle(now)
         for spec in list(self.specs.values()):
             ready = [h.instances[spec.name] for h in self.hosts if h.ready_instance(spec.name) and h.healthy]
             idle = sorted((i for i in ready if i.inflight == 0 and now - i.last_used > spec.keep_alive_s),

@@ -224,6 +224,12 @@ class StreamSession:
             if not self.tokens and not self.upstreams:
                 raise RouterError(400, str(err))
             raise RouterError(502, f"upstream error after {len(self.tokens)} tokens: {err}")
+        if err.kind in ("server", "hung") and await self._reachable(host):
+            # the server answers, so the silence is the model instance's: a stub that died mid-request leaves
+            # the request hanging and the model READY; a probe gets the stub's error (or hangs as well)
+            probe = await upstream.probe(host.client, self.model, min(5.0, self.cfg.token_timeout_s))
+            if probe is not None and probe.kind in ("stub", "hung"):
+                err = upstream.UpstreamError("stub", f"{err} (probe: {probe})")
         if err.kind == "stub":
             self.m.mark_dead(up.inst, str(err))
         elif err.kind in ("server", "hung"):

@@ -37,6 +37,7 @@ class Instance:
     inflight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = 0.0
+    probed: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
 

@@ -131,6 +131,22 @@ async def stream_generate(client: agrpc.InferenceServerClient, model: str, promp
                 pass
 
 
+async def probe(client: agrpc.InferenceServerClient, model: str, timeout: float) -> UpstreamError | None:
+    """One-token request: None when the instance answers. Triton 2.51 neither restarts nor reports a dead stub
+    (the model stays READY; requests in flight on it just stop), so this is how the router finds out."""
+    async def one():
+        async for _ in stream_generate(client, model, "ping", {"max_tokens": 1}, None, "probe"):
+            pass
+
+    try:
+        await asyncio.wait_for(one(), timeout)
+    except asyncio.TimeoutError:
+        return UpstreamError("hung", f"{model} did not answer a one-token probe in {timeout:.0f}s")
+    except UpstreamError as e:
+        return e
+    return None
+
+
 def model_config(name: str, checkpoint: str, parameters: dict[str, str], loader_url: str | None = None) -> dict:
     params = {"checkpoint": checkpoint, **parameters}
     if loader_url:
