@@ -109,6 +109,10 @@ class Manager:
                     i.model, ModelSpec(i.model, "/")).min_instances]
         return min(idle, key=lambda i: i.last_used) if idle else None
 
+    def _full_but_healthy(self, spec: ModelSpec, exclude: set[str]) -> bool:
+        return any(h.healthy and h.name not in exclude and (h.loader_ok or not spec.use_loader)
+                   and len(h.resident()) >= h.cfg.max_models for h in self.hosts)
+
     def loaded_count(self, model: str) -> int:
         return sum(1 for h in self.hosts if h.healthy and (i := h.instances.get(model)) is not None
                    and i.state in ("ready", "loading"))
@@ -121,10 +125,16 @@ class Manager:
             raise RouterError(503, f"model {model!r} failed to load {time.monotonic() - failed[0]:.0f}s ago "
                               f"(not retried for {self.cfg.load_failure_backoff_s:.0f}s): {failed[1]}")
         tried: set[str] = set(exclude)
-        for _ in range(len(self.hosts)):
+        deadline = time.monotonic() + self.cfg.load_timeout_s
+        attempts = 0
+        while attempts < len(self.hosts):
             cands = self.candidates(spec, tried)
             if not cands:
+                if self._full_but_healthy(spec, tried) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)  # every host is full of busy models: wait for one to free up
+                    continue
                 break
+            attempts += 1
             choice = self.policy.choose(spec, cands, self.loaded_count(model))
             inst = choice.host.instances.get(model)
             if inst is None or inst.state not in ("ready", "loading"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,9 @@ TOKEN = "s3cret-token"
 
 def start_servers(n: int, tmp: Path) -> list[TritonServer]:
     """n servers over empty repositories (the router sends model code and config with each load)."""
+    # sysconfig fills its variables lazily and not thread-safely: a first call racing in several threads can
+    # return LIBDIR None, and a server started without libpython on LD_LIBRARY_PATH fails every model load
+    sysconfig.get_config_vars()
     servers = []
     for i in range(n):
         (tmp / f"repo{i}").mkdir()

@@ -1,0 +1,143 @@
+"""The router's pieces without servers: hosts-file validation, placement policies, the start-up estimate and its
+updates from observed loads, the stream merge that makes failover and migration seamless, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tritonmoe.router.config import ConfigError, ModelSpec, RouterConfig, load_config
+from tritonmoe.router.lifecycle import Manager
+from tritonmoe.router.migration import StreamSession, _Upstream
+from tritonmoe.router.placement import Candidate, LocalityPolicy, RandomPolicy, RoundRobinPolicy
+from tritonmoe.router.state import Host, Instance, parse_running
+from tritonmoe.router.upstream import Chunk
+
+HOSTS = [{"name": f"h{i}", "http": f"127.0.0.1:{8000 + 10 * i}", "grpc": f"127.0.0.1:{8001 + 10 * i}"}
+         for i in range(3)]
+
+
+def test_config_json_and_toml(tmp_path):
+    doc = {"hosts": HOSTS, "policy": "random", "models": {"m": {"checkpoint": "/ckpt", "max_instances": 2}},
+           "token_file": "tok"}
+    (tmp_path / "tok").write_text("abc\n")
+    (tmp_path / "hosts.json").write_text(json.dumps(doc))
+    cfg = load_config(tmp_path / "hosts.json")
+    assert cfg.policy == "random" and cfg.token == "abc" and cfg.models["m"].max_instances == 2
+    assert cfg.listen_host == "127.0.0.1"  # loopback unless told otherwise
+    (tmp_path / "hosts.toml").write_text('policy = "round_robin"\n[[hosts]]\nname = "a"\nhttp = "127.0.0.1:1"\n'
+                                         'grpc = "127.0.0.1:2"\n[models.x]\ncheckpoint = "/c"\n')
+    cfg = load_config(tmp_path / "hosts.toml")
+    assert cfg.policy == "round_robin" and cfg.hosts[0].name == "a" and "x" in cfg.models
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({}, "'hosts' must be a non-empty list"),
+    ({"hosts": [{"http": "x", "grpc": "127.0.0.1:1"}]}, "hosts[0].http"),
+    ({"hosts": HOSTS + HOSTS[:1]}, "unique"),
+    ({"hosts": HOSTS, "policy": "fastest"}, "'policy' must be one of"),
+    ({"hosts": HOSTS, "models": {"../x": {"checkpoint": "/c"}}}, "invalid model name"),
+    ({"hosts": HOSTS, "models": {"m": {"checkpoint": "rel/path"}}}, "absolute path"),
+    ({"hosts": HOSTS, "models": {"m": {"checkpoint": "/a/../../etc"}}}, "'..'"),
+    ({"hosts": HOSTS, "models": {"m": {"checkpoint": "/c", "parameters": {"checkpoint": "/other"}}}}, "not allowed"),
+    ({"hosts": HOSTS, "models": {"m": {"checkpoint": "/c", "min_instances": 3, "max_instances": 1}}}, "min_instances"),
+    ({"hosts": HOSTS, "models": {"m": {"checkpoint": "/c", "keep_alive": 3}}}, "unknown key"),
+    ({"hosts": HOSTS, "token_timeout_s": 0}, "'token_timeout_s' must be a number > 0"),
+])
+def test_config_errors_name_the_field(doc, fragment):
+    with pytest.raises(ConfigError) as e:
+        RouterConfig.parse(doc)
+    assert fragment in str(e.value)
+
+
+def _cands(*specs):
+    out = []
+    for name, tier, load_s, queue_s, inflight in specs:
+        out.append(Candidate(Host(RouterConfig.parse({"hosts": [{**HOSTS[0], "name": name}]}).hosts[0]), tier,
+                             load_s, queue_s, inflight))
+    return out
+
+
+def test_locality_prefers_loaded_then_fastest_tier():
+    spec = ModelSpec("m", "/c", target_concurrency=2, max_instances=2)
+    pol = LocalityPolicy()
+    cands = _cands(("a", "disk", 8.0, 0, 0), ("b", "gpu", 0.0, 0, 1), ("c", "dram", 2.0, 0, 0))
+    assert pol.choose(spec, cands, 1).host.name == "b"
+    # the loaded instance is at its target concurrency: a DRAM cold start (2 s) beats queueing (5 s)
+    cands = _cands(("a", "disk", 8.0, 0, 0), ("b", "gpu", 0.0, 5.0, 2), ("c", "dram", 2.0, 0, 0))
+    assert pol.choose(spec, cands, 1).host.name == "c"
+    # ...but not beyond max_instances
+    assert pol.choose(spec, cands, 2).host.name == "b"
+    # nothing loaded: the fastest tier, and a load in progress is joined rather than duplicated
+    assert pol.choose(spec, _cands(("a", "disk", 8.0, 0, 0), ("c", "dram", 2.0, 0.5, 0)), 0).host.name == "c"
+    assert pol.choose(spec, _cands(("a", "loading", 6.0, 0, 1), ("c", "dram", 2.0, 0, 0)), 1).host.name == "a"
+
+
+def test_baselines_ignore_locality():
+    spec = ModelSpec("m", "/c")
+    cands = _cands(("a", "gpu", 0, 0, 0), ("b", "disk", 8, 0, 0), ("c", "disk", 8, 0, 0))
+    rr = RoundRobinPolicy()
+    assert [rr.choose(spec, cands, 1).host.name for _ in range(4)] == ["a", "b", "c", "a"]
+    picks = {RandomPolicy(seed).choose(spec, cands, 1).host.name for seed in range(20)}
+    assert picks == {"a", "b", "c"}
+
+
+def test_startup_estimate_learns_from_observed_loads():
+    h = Host(RouterConfig.parse({"hosts": HOSTS}).hosts[0])
+    assert h.estimate_load_s("gpu", 10**9) == 0
+    before = h.estimate_load_s("disk", 10**6)
+    for _ in range(6):
+        h.observe_load("disk", 10**6, 9.0)  # small checkpoints: the fixed cost is what is learned
+    assert abs(h.estimate_load_s("disk", 10**6) - 9.0) < 0.3 and before != h.estimate_load_s("disk", 10**6)
+    for _ in range(8):
+        h.observe_load("disk", 40 * 10**9, h.overhead_s + 20.0)  # 40 GB in 20 s beyond the fixed cost: 2 GB/s
+    assert 1.8e9 < h.bandwidth["disk"] < 2.2e9
+    assert h.estimate_load_s("dram", 40 * 10**9) < h.estimate_load_s("disk", 40 * 10**9)
+
+
+def test_parse_running_sequences():
+    text = ('# TYPE tritonmoe_running_sequences gauge\ntritonmoe_running_sequences{model="a",version="1"} 3\n'
+            'tritonmoe_running_sequences{model="b",version="1"} 0\nnv_inference_count{model="a"} 9\n')
+    assert parse_running(text) == {"a": 3.0, "b": 0.0}
+
+
+def _session():
+    cfg = RouterConfig.parse({"hosts": HOSTS, "models": {"m": {"checkpoint": "/c"}}})
+    hosts = [Host(h) for h in cfg.hosts]
+    return StreamSession(Manager(cfg, hosts, LocalityPolicy()), "m", "p", {"temperature": 0.7}), hosts
+
+
+def test_merge_forwards_each_position_once_and_checks_overlap():
+    s, hosts = _session()
+    assert isinstance(s.sampling["seed"], int)  # sampled without a seed: the router seeds it
+    src = _Upstream(1, Instance("m", hosts[0]), 0, 0)
+    s.upstreams[1] = src
+    d = s._merge(src, Chunk([5, 6], "ab", "", 3, 2, False))
+    assert (d.token_ids, d.text) == ([5, 6], "ab")
+    dst = _Upstream(2, Instance("m", hosts[1]), 1, 1, tokens_end=1, chars_end=1)  # resumed from token 1
+    s.upstreams[2] = dst
+    assert s._merge(dst, Chunk([6], "b", "", 3, 2, False)) is None  # already sent: checked, not repeated
+    d = s._merge(dst, Chunk([7, 8], "cd", "", 3, 4, False))
+    assert (d.token_ids, d.text, d.num_output_tokens) == ([7, 8], "cd", 4)
+    d = s._merge(src, Chunk([7], "c", "", 3, 3, False))  # the source is now behind: nothing new
+    assert d is None and s.tokens == [5, 6, 7, 8] and s.chars == 4
+    d = s._merge(dst, Chunk([9], "e", "length", 3, 5, True))
+    assert d.finish_reason == "length" and s.tokens == [5, 6, 7, 8, 9]
+    # a diverging upstream is dropped, not merged
+    bad = _Upstream(3, Instance("m", hosts[2]), 0, 0)
+    s.upstreams[3] = bad
+    assert s._merge(bad, Chunk([5, 99], "ax", "", 3, 2, False)) is None and 3 not in s.upstreams
+
+
+def test_cli_help_documents_the_flags():
+    out = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for flag in ("--config", "--host", "--port", "--policy", "--token-file"):
+        assert flag in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--config", "/nonexistent.json"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "nonexistent" in bad.stderr
