@@ -218,7 +218,7 @@ def _sync(device):
 
 
 _TOTALS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted", "demand_bytes",
-           "prefetch_bytes", "stall_s")
+           "prefetch_bytes", "stall_s", "host_s")
 
 
 def _snap(offloader) -> dict:
@@ -240,10 +240,12 @@ def _rates(d: dict) -> dict:
 
 
 def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,
-                 warmup: int, lookahead: bool, first_moe: int = 0) -> dict:
+                 warmup: int, lookahead: bool, first_moe: int = 0, warmup_tokens: int | None = None) -> dict:
     """Prefill + ``gen_len`` decode steps for each group of request ids; the first ``warmup`` groups are not
     counted (they warm the kernels and the cache). Returns times and per-phase stats deltas."""
     from transformers import DynamicCache
+
+    wall = time.perf_counter()
 
     L = len(_experts_modules(model))
     P = traces.prompt_len
@@ -277,7 +279,7 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
         s1 = _snap(offloader)
         dec_routes = [routes[:, l, P:P + gen_len].to(device) for l in range(L)]  # [B, G, k] per layer
         feed.weights = torch.full((B, k), 1.0 / k, dtype=model.dtype, device=device)
-        for t in range(gen_len):
+        for t in range(gen_len if counted or warmup_tokens is None else min(gen_len, warmup_tokens)):
             feed.indices = [dec_routes[l][:, t] for l in range(L)]
             if lookahead:
                 la = traces.lookahead[group][:, first_moe:first_moe + L - 1, t]  # [B, L-1, k]
@@ -304,7 +306,7 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
         del cache, out
     return {"ttft_s": statistics.mean(ttft), "tpot_s": statistics.mean(steps),
             "tpot_median_s": statistics.median(steps), "decode_steps": len(steps), "groups": len(groups) - warmup,
-            "phase_stats": phase_stats}
+            "phase_stats": phase_stats, "wall_s": time.perf_counter() - wall}
 
 
 def measure_h2d(device, nbytes: int = 1 << 30, reps: int = 10) -> dict:
@@ -370,13 +372,21 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
         if "resident" in args.policies:
             bench.make_resident(modules)
             model.set_experts_implementation("grouped_mm")
-            r = run_requests(model, feed, traces, groups, args.new_tokens, device, None, args.warmup, False)
+            r = run_requests(model, feed, traces, groups, args.new_tokens, device, None, args.warmup, False,
+                             warmup_tokens=args.warmup_tokens)
             bench.drop_resident(modules)
             _free(device)
             res = dict(common, policy="resident", batch=batch, budget_pct=100, **_summary(r, slot_bytes))
             results.append(res)
             log(_line(res))
-        for budget in args.budgets:
+            save(results)
+        if "accelerate" in args.policies:
+            try:
+                results += bench_accelerate(args, bench, traces, common, log, batch)
+            except Exception as e:  # noqa: BLE001 -- a baseline's failure must not lose the engine's results
+                log(f"accelerate baseline failed: {type(e).__name__}: {e}")
+            save(results)
+        for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
             for policy in [p for p in args.policies if p in POLICIES]:
                 eviction, prefetch = POLICIES[policy]
                 eamc_path = os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy")
@@ -389,7 +399,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                     off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i)
                                                                    for i in range(len(modules))])
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                 policy == "lookahead")
+                                 policy == "lookahead", warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
                            **_summary(r, slot_bytes))
@@ -400,14 +410,11 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                 save(results)
     del model, store
     _free(device)
-    if "accelerate" in args.policies:
-        results += bench_accelerate(args, bench, traces, common, log)
-        save(results)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
-def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log) -> list[dict]:
+def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log, batch: int) -> list[dict]:
     """HF Accelerate ``dispatch_model`` with whole experts modules offloaded to the CPU (its granularity): the
     first ``budget`` share of the MoE layers keep their experts on the GPU. Run on ``accelerate_layers`` MoE
     layers (the others' cost is the same per layer), time per token scaled by ``layers / accelerate_layers``."""
@@ -415,10 +422,12 @@ def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log) -> l
 
     out = []
     La = args.accelerate_layers
-    for batch in args.batch:
+    for batch in [batch]:
         groups = groups_for(traces, batch, args.warmup + 1)
         for budget in args.accelerate_budgets:
+            full_shapes = bench.expert_shapes  # build() records the reduced model's; the full one's come back below
             model, feed, modules = bench.build(La)
+            bench.expert_shapes = full_shapes
             names = [n for n, _ in _experts_modules(model)]
             on_gpu = int(budget / 100 * La + 1e-9)
             for i, m in enumerate(modules):
@@ -442,7 +451,8 @@ def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log) -> l
             model.set_experts_implementation("grouped_mm")
             model = dispatch_model(model, device_map=device_map, main_device=dev)
             gen = min(args.accelerate_tokens, args.new_tokens)
-            r = run_requests(model, feed, traces, groups, gen, bench.device, None, args.warmup, False)
+            r = run_requests(model, feed, traces, groups, gen, bench.device, None, args.warmup, False,
+                             warmup_tokens=min(gen, args.warmup_tokens or gen))
             scale = common["layers"] / La
             res = dict(common, policy="accelerate", batch=batch, budget_pct=budget, accelerate_layers=La,
                        accelerate_experts_layers_on_gpu=on_gpu, new_tokens=gen, scale=scale,
@@ -460,7 +470,7 @@ def _summary(r: dict, slot_bytes: int) -> dict:
     dec, pre = r["phase_stats"]["decode"], r["phase_stats"]["prefill"]
     steps = max(1, r["decode_steps"])
     d = {"ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "tpot_median_s": r["tpot_median_s"],
-         "decode_steps": r["decode_steps"], "groups": r["groups"]}
+         "decode_steps": r["decode_steps"], "groups": r["groups"], "wall_s": r["wall_s"]}
     for name, s in (("decode", dec), ("prefill", pre)):
         for key, v in _rates(s).items():
             d[f"{name}_{key}"] = v
@@ -469,6 +479,7 @@ def _summary(r: dict, slot_bytes: int) -> dict:
     d["decode_demand_bytes_per_step"] = dec["demand_bytes"] / steps
     d["decode_prefetch_bytes_per_step"] = dec["prefetch_bytes"] / steps
     d["decode_stall_s_per_step"] = dec["stall_s"] / steps
+    d["decode_host_s_per_step"] = dec["host_s"] / steps  # offloader CPU time after each layer's routing read-back
     d["prefill_demand_bytes"] = pre["demand_bytes"] / max(1, r["groups"])
     d["prefill_prefetch_bytes"] = pre["prefetch_bytes"] / max(1, r["groups"])
     return d
@@ -478,7 +489,7 @@ def _line(r: dict) -> str:
     return (f"  {r['policy']:>10} B={r['batch']} budget={r['budget_pct']:>3}%  TPOT {r['tpot_s'] * 1e3:8.2f} ms  "
             f"TTFT {r['ttft_s'] * 1e3:8.1f} ms  hit {r['decode_hit_rate']:.3f}  prec "
             f"{r['decode_prefetch_precision']:.3f}  rec {r['decode_prefetch_recall']:.3f}  "
-            f"miss/step {r['decode_misses_per_step']:.1f}")
+            f"miss/step {r['decode_misses_per_step']:.1f}  ({r['wall_s']:.0f}s)")
 
 
 def add_bounds(results: list[dict], h2d_GBps: float) -> None:
@@ -569,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny hidden sizes: develop the harness on a CPU")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
+    p.add_argument("--budgets-bn", type=int, nargs="+", default=None, help="budgets at batch > 1 (default: --budgets)")
+    p.add_argument("--warmup-tokens", type=int, default=None, help="decode steps of warm-up groups (default: all)")
     p.add_argument("--policies", nargs="+", default=["resident", *POLICIES, "accelerate"])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1, help="groups run first and not counted")

@@ -15,6 +15,7 @@ layer needing more experts than the cache has slots runs in rounds of at most ``
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -102,6 +103,7 @@ class Offloader:
                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
         routing = top_k_index.cpu().numpy()  # the one host sync per layer: what to fetch depends on it
+        host_start = time.perf_counter()
         counts = self._counts_per_sequence(routing)
         self.tracer.record(layer, counts)
         if self.predictor is not None:
@@ -127,7 +129,9 @@ class Offloader:
                                                    pair_inputs, pair_weights)
         self.prefetch_queue.pump()
         # the stock reduction: sum over k per token in the promoted dtype, then cast back
-        return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        out = pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        self._stats.host_s[layer] += time.perf_counter() - host_start
+        return out
 
     def _run_round(self, layer, module, experts, pair_experts, rows, pair_inputs, pair_weights) -> torch.Tensor:
         slots = self.cache.acquire(layer, experts)

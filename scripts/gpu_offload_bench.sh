@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root (device `run`, carry: runs/routing runs/wheels): the offloading
+# GPU tests, routing-trace training on the GPU, and the offloading benchmark. Everything lands in $OUT.
+#   STAGES="tests train bench" SHAPES="dsv2lite qwen3" bash scripts/gpu_offload_bench.sh
+# The package is laid out under /tmp (the checkout's tritonmoe/ folder would shadow it), and pytest runs from
+# outside the checkout for the same reason.
+set -u
+cd "$(dirname "$0")/.."
+repo=$PWD
+out=${OUT:-$repo/gpu-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+pkg=/tmp/offload-pkg
+rm -rf "$pkg" && mkdir -p "$pkg/tritonmoe"
+cp tritonmoe/__init__.py "$pkg/tritonmoe/" && cp -r backend "$pkg/tritonmoe/backend" && cp -r tools "$pkg/tritonmoe/tools"
+export PYTHONPATH=$pkg
+if ! python3 -c "import cuda.bindings.runtime" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site runs/wheels/*.whl && export PYTHONPATH=$pkg:/tmp/site
+fi
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, numpy, cuda.bindings; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda-bindings', cuda.bindings.__version__)"
+STAGES=${STAGES:-tests train bench}
+SHAPES=${SHAPES:-dsv2lite qwen3}
+case " $STAGES " in *" tests "*)
+  stage "GPU offload tests"
+  (cd /tmp && timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/test_offload_cuda.py" 2>&1 | tail -15 | tee "$out/gpu_tests.log")
+;; esac
+case " $STAGES " in *" train "*)
+  for shape in $SHAPES; do
+    stage "train routing: $shape"
+    req=96; [ "$shape" = qwen3 ] && req=80  # a trace file must stay under 16 MB to come back
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m tritonmoe.tools.train_routing --shape "$shape" --device cuda \
+      --corpus runs/routing/corpus.npz --minutes ${TRAIN_MIN:-2} --hidden 128 --expert-ffn 64 --batch 32 \
+      --requests $req --out "$out/$shape.npz" 2>&1 | tee -a "$out/train.log" | grep -v "^step"
+  done
+;; esac
+case " $STAGES " in *" bench "*)
+  for shape in $SHAPES; do
+    traces=$out/$shape.npz; [ -f "$traces" ] || traces=runs/routing/$shape.npz
+    stage "bench: $shape ($traces)"
+    timeout ${BENCH_TIMEOUT:-420} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
+      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench.log" | grep -v "^|"
+  done
+;; esac
+stage done
