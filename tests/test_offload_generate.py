@@ -198,3 +198,26 @@ def test_cpu_path_never_loads_cuda_code(checkpoints):
             "print(any(n.endswith('cuda_copy_engine') for n in sys.modules), torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_slot_banks_wider_than_grouped_mm_allows_split_into_blocks(checkpoints, expected, monkeypatch):
+    """CUDA's grouped_mm takes at most 1024 groups, so a cache of more slots computes a layer in blocks of slots
+    (seen on the H100 with Qwen3-30B-A3B at 25%: 1536 slots). With the limit lowered to 2 slots, nearly every
+    layer splits into blocks, and the tokens must not change."""
+    from tritonmoe.backend.offload import offloader as offloader_module
+
+    monkeypatch.setattr(offloader_module, "MAX_GROUPS", 2)
+    model, offloader = load_offloaded_model(checkpoints["mixtral"], "cpu", torch.float32,
+                                            OffloadConfig(cache_budget="100%", eviction="lru", prefetch="none"))
+    blocks = []
+    real = offloader_module.weighted_pair_outputs
+
+    def spy(*args, used_slots, first_slot=0, **kwargs):
+        blocks.append(used_slots)
+        return real(*args, used_slots=used_slots, first_slot=first_slot, **kwargs)
+
+    monkeypatch.setattr(offloader_module, "weighted_pair_outputs", spy)
+    singles, batch = expected["mixtral"]
+    assert torch.equal(greedy(model, *left_padded([PROMPTS[0]]), offloader, ["r0"]), singles[0])
+    assert torch.equal(greedy(model, *left_padded(PROMPTS), offloader, ["b0", "b1", "b2"]), batch)
+    assert max(blocks) <= 2 and len(blocks) > 2 * LAYERS * (NEW_TOKENS + 1)  # more calls than layer forwards

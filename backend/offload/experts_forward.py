@@ -37,12 +37,12 @@ def register_experts_implementation() -> None:
 
 class _SlotBank:
     """What the stock forward sees as ``self``: the experts module (activation, gate, flags) whose expert weights
-    are the first ``n`` cache slots, so that "expert id" means "slot id"."""
+    are cache slots ``first .. first + n - 1``, so that "expert id" means "slot id - first"."""
 
-    def __init__(self, module: torch.nn.Module, slot_views: dict[str, torch.Tensor], n: int):
+    def __init__(self, module: torch.nn.Module, slot_views: dict[str, torch.Tensor], n: int, first: int = 0):
         self._module = module
         for name, view in slot_views.items():
-            setattr(self, name, view[:n])  # fewer groups for grouped_mm to walk than the whole pool
+            setattr(self, name, view[first:first + n])  # fewer groups for grouped_mm to walk than the whole pool
         self.num_experts = n
         self._is_expert_parallel = False
 
@@ -51,9 +51,11 @@ class _SlotBank:
 
 
 def weighted_pair_outputs(module: torch.nn.Module, slot_views: dict[str, torch.Tensor], pair_inputs: torch.Tensor,
-                          pair_slots: torch.Tensor, pair_weights: torch.Tensor, used_slots: int) -> torch.Tensor:
+                          pair_slots: torch.Tensor, pair_weights: torch.Tensor, used_slots: int,
+                          first_slot: int = 0) -> torch.Tensor:
     """``expert(x) * weight`` for each (token, k) pair: ``pair_inputs [S, H]`` already in the output dtype (the
-    promotion of expert and routing-weight dtypes, as stock), ``pair_slots``/``pair_weights`` ``[S]``."""
+    promotion of expert and routing-weight dtypes, as stock), ``pair_slots``/``pair_weights`` ``[S]``;
+    ``pair_slots`` count from ``first_slot``, and the bank is ``used_slots`` slots wide."""
     grouped_mm = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
-    bank = _SlotBank(module, slot_views, used_slots)
+    bank = _SlotBank(module, slot_views, used_slots, first_slot)
     return grouped_mm(bank, pair_inputs, pair_slots[:, None], pair_weights[:, None])

@@ -35,6 +35,9 @@ from .stats import OffloadStats
 # Prefetch copies issued ahead of need: enough to keep the copy engine busy between two MoE layers (~1 ms of
 # PCIe Gen5), few enough that a demand fetch waits behind little.
 PREFETCH_WINDOW_BYTES = 64 * 2**20
+# torch's grouped_mm takes at most 1024 groups on CUDA ("Can't process more than 1024 groups"); the slot bank a
+# computation sees spans at most this many slots, and a round whose slots span more runs one bank per block.
+MAX_GROUPS = 1024
 
 
 class Offloader:
@@ -139,11 +142,27 @@ class Offloader:
         self.cache.engine.wait_ready(slots, layer)
         slot_of = np.zeros(self.store.num_experts, dtype=np.int64)
         slot_of[experts] = slots
-        pair_slots = torch.as_tensor(slot_of[pair_experts], device=pair_inputs.device)
+        pair_slots = slot_of[pair_experts]
         if rows is not None:
             pair_inputs, pair_weights = pair_inputs[rows], pair_weights[rows]
-        out = weighted_pair_outputs(module, self.cache.views, pair_inputs, pair_slots, pair_weights,
-                                    used_slots=max(slots) + 1)
+        lo, hi = min(slots), max(slots)
+        device = pair_inputs.device
+        if hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
+            out = weighted_pair_outputs(module, self.cache.views, pair_inputs,
+                                        torch.as_tensor(pair_slots - lo, device=device), pair_weights,
+                                        first_slot=lo, used_slots=hi - lo + 1)
+        else:  # a bank per block of MAX_GROUPS slots; each pair's output is its own row, so they just scatter
+            out = torch.empty_like(pair_inputs)
+            blocks = pair_slots // MAX_GROUPS
+            for block in np.unique(blocks):
+                sel = np.flatnonzero(blocks == block)
+                sel_t = torch.as_tensor(sel, device=device)
+                b_slots = pair_slots[sel]
+                b_lo = int(b_slots.min())
+                out[sel_t] = weighted_pair_outputs(module, self.cache.views, pair_inputs[sel_t],
+                                                   torch.as_tensor(b_slots - b_lo, device=device),
+                                                   pair_weights[sel_t], first_slot=b_lo,
+                                                   used_slots=int(b_slots.max()) - b_lo + 1)
         self.cache.engine.release(slots)
         self.cache.release()
         return out
