@@ -201,7 +201,7 @@ def test_cpu_path_never_loads_cuda_code(checkpoints):
 
 
 def test_slot_banks_wider_than_grouped_mm_allows_split_into_blocks(checkpoints, expected, monkeypatch):
-    """CUDA's grouped_mm takes at most 1024 groups, so a cache of more slots computes a layer in blocks of slots
+    """CUDA's grouped_mm takes at most 1023 groups, so a cache of more slots computes a layer in blocks of slots
     (seen on the H100 with Qwen3-30B-A3B at 25%: 1536 slots). With the limit lowered to 2 slots, nearly every
     layer splits into blocks, and the tokens must not change."""
     from tritonmoe.backend.offload import offloader as offloader_module

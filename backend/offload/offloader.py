@@ -35,9 +35,9 @@ from .stats import OffloadStats
 # Prefetch copies issued ahead of need: enough to keep the copy engine busy between two MoE layers (~1 ms of
 # PCIe Gen5), few enough that a demand fetch waits behind little.
 PREFETCH_WINDOW_BYTES = 64 * 2**20
-# torch's grouped_mm takes at most 1024 groups on CUDA ("Can't process more than 1024 groups"); the slot bank a
+# torch's CUDA grouped_mm checks group_count < 1024 ("Can't process more than 1024 groups"): the slot bank a
 # computation sees spans at most this many slots, and a round whose slots span more runs one bank per block.
-MAX_GROUPS = 1024
+MAX_GROUPS = 1023
 
 
 class Offloader:
