@@ -143,6 +143,8 @@ class RouterConfig:
     max_failovers: int = 3
     probe_interval_s: float = 30.0        # idle instances get a one-token probe this often (dead stubs)
     migration_overlap_s: float = 10.0     # a migration destination silent this long is abandoned
+    migration_handover_tokens: int = 8    # hand over when the destination is at most this far behind...
+    migration_rounds: int = 3             # ...or after this many recompute rounds
     seed_sampled: bool = True             # give unseeded sampled requests a seed so they stay migratable
 
     @classmethod
@@ -174,7 +176,7 @@ class RouterConfig:
                 if not isinstance(v, (int, float)) or v <= 0:
                     raise ConfigError(f"'{key}' must be a number > 0")
                 setattr(cfg, key, float(v))
-        for key in ("max_failovers",):
+        for key in ("max_failovers", "migration_handover_tokens", "migration_rounds"):
             if key in doc:
                 if not isinstance(doc[key], int) or doc[key] < 0:
                     raise ConfigError(f"'{key}' must be an integer >= 0")

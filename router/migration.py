@@ -11,9 +11,12 @@ Migration: the destination starts from the tokens so far while the source keeps 
 destination's prefill overlaps the source's decoding); once the destination has produced output, the source is
 cancelled, and the destination's first tokens, which the source already sent, are checked and skipped. The client
 waits only for the few tokens the source made during the destination's prefill (at decode speed), never for a
-load or a prefill. A destination that produces nothing within ``migration_overlap_s`` is dropped and the source
-carries on. The backend keeps no KV cache across requests, so ServerlessLLM's repeated recompute rounds would each
-redo the whole prefill here; the overlap gives the same handover in one round.
+load or a prefill. When the source got more than ``migration_handover_tokens`` ahead during a round (a slow first
+step on the destination), the destination starts another round from the tokens so far, up to
+``migration_rounds`` rounds. A destination that produces nothing within ``migration_overlap_s`` is dropped and the
+source carries on. The backend keeps no KV cache across requests, so each round redoes the whole prefill (in
+ServerlessLLM a round recomputes only the new tokens); rounds help when the first was slowed by something
+transient, and the overlap keeps the client's stream flowing during all of them.
 
 Failover: an upstream that errors (server killed, stream silent past the timeout, dead Python stub) is replaced by
 a resume on another host through the same path, up to ``max_failovers`` times.
@@ -183,7 +186,7 @@ class StreamSession:
                 yield delta
                 if delta.finish_reason:
                     return
-            self._maybe_handover()
+            await self._maybe_handover()
             due = [m for m in self.scheduled if m[0] <= len(self.tokens)]
             for m in due:
                 self.scheduled.remove(m)
@@ -272,14 +275,27 @@ class StreamSession:
         if target in current:
             raise RouterError(409, f"request already runs on {target}")
         self.migrations += 1
-        self.migration_log.append({"start_token": len(self.tokens), "t": time.monotonic()})
+        self.migration_log.append({"start_token": len(self.tokens), "t": time.monotonic(), "rounds": 1})
         up = await self._open(exclude=current, host=target, migration=True)
         log.info("request %s: migrating %s -> %s at token %d", self.id, sorted(current), up.inst.host.name,
                  len(self.tokens))
 
-    def _maybe_handover(self) -> None:
+    async def _maybe_handover(self) -> None:
         for dest in [u for u in self.upstreams.values() if u.migration]:
             if dest.got_output:
+                behind = len(self.tokens) - dest.tokens_end
+                log_entry = self.migration_log[-1] if self.migration_log else {}
+                if behind > self.cfg.migration_handover_tokens and \
+                        log_entry.get("rounds", 1) < self.cfg.migration_rounds:
+                    # the source ran far ahead during this round's prefill (a slow first step, a busy
+                    # destination): another round from the tokens so far, as ServerlessLLM repeats rounds
+                    self._drop(dest)
+                    log_entry["rounds"] = log_entry.get("rounds", 1) + 1
+                    try:
+                        await self._open(host=dest.inst.host.name, migration=True)
+                    except RouterError as e:
+                        log.warning("request %s: migration round failed: %s", self.id, e)
+                    continue
                 # the destination's KV cache is rebuilt: stop the source. What the source generated meanwhile
                 # the destination regenerates (identical, checked) at decode speed: that is the stall.
                 for src in [u for u in self.upstreams.values() if not u.migration]:

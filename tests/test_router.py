@@ -273,3 +273,24 @@ def _failures(cluster) -> float:
         cluster.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("tritonmoe_router_load_failures_total{"))
+
+
+def _server_metric(server, name: str, **labels) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_client_disconnect_cancels_the_request_on_the_server(cluster):
+    """A client that goes away frees its sequence on the server (the router closes the gRPC stream)."""
+    before = sum(_server_metric(s, "tritonmoe_requests_total", model="greedy", outcome="cancelled")
+                 for s in cluster.servers)
+    req = urllib.request.Request(cluster.url + "/v2/models/greedy/generate_stream", data=json.dumps(
+        {"text_input": "cancel me", "stream": True, "parameters": {"max_tokens": 480, "ignore_eos": True}}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}"})
+    r = urllib.request.urlopen(req, timeout=60)
+    assert r.readline().startswith(b"data:")
+    r.close()
+    wait_for(lambda: sum(_server_metric(s, "tritonmoe_requests_total", model="greedy", outcome="cancelled")
+                         for s in cluster.servers) > before, 30, "the server to cancel the request")
+    wait_for(lambda: not api(cluster, "/admin/requests")["requests"], 10, "the router to drop the session")
