@@ -136,6 +136,56 @@ async def _loaded_seconds(mgr):
     return mgr.loaded_seconds()
 
 
+def measure_stall(args, checkpoint: Path) -> dict:
+    """Migration stall: the router-side longest pause between a stream's deltas, for the same 400-token greedy
+    stream unmigrated and migrated at token 100 (two servers, both holding the model)."""
+    sysconfig.get_config_vars()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-router-stall-"))
+    servers = []
+    for i in range(2):
+        (tmp / f"repo{i}").mkdir()
+        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log"))
+    res = {"plain_max_gap_s": [], "migrated_max_gap_s": [], "warmup_s": [], "regenerated_tokens": [], "rounds": []}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.start(timeout=120), servers))
+        hosts = [{"name": f"h{i}", "http": s.http_url, "grpc": s.grpc_url} for i, s in enumerate(servers)]
+        cfg = RouterConfig.parse({"hosts": hosts, "listen": {"port": 0}, "models": {
+            "g": {"checkpoint": str(checkpoint), "min_instances": 2, "max_instances": 2}}})
+        with RouterThread(cfg) as router:
+            deadline = time.monotonic() + 300
+            while sum(1 for h in router.router.hosts if h.ready_instance("g")) < 2:
+                assert time.monotonic() < deadline, "model did not load"
+                time.sleep(0.2)
+            for _ in range(args.stall_runs):
+                for kind in ("plain", "migrated"):
+                    rid = {}
+
+                    def opened(headers, kind=kind):
+                        rid["id"] = headers["X-Request-Id"]
+                        if kind == "migrated":
+                            from tritonmoe.router.harness import call
+                            call(router.url + f"/admin/requests/{rid['id']}/migrate", {"at_token": 100})
+
+                    for _ev in stream(router.url + "/v2/models/g/generate_stream",
+                                      {"text_input": "class A(object):", "stream": True,
+                                       "parameters": {"max_tokens": 400, "ignore_eos": True}}, on_open=opened):
+                        pass
+                    info = next(x for x in router.router.finished if x["id"] == rid["id"])
+                    res[f"{kind}_max_gap_s"].append(info["max_gap_s"])
+                    if kind == "migrated" and info["migration_log"] and "warmup_s" in info["migration_log"][0]:
+                        m = info["migration_log"][0]
+                        res["warmup_s"].append(m["warmup_s"])
+                        res["regenerated_tokens"].append(m["handover_token"] - m["dest_token"])
+                        res["rounds"].append(m["rounds"])
+    finally:
+        for s in servers:
+            s.stop()
+    summary = {k: {"median": statistics.median(v), "max": max(v), "n": len(v)} for k, v in res.items() if v}
+    summary["added_stall_median_s"] = summary["migrated_max_gap_s"]["median"] - summary["plain_max_gap_s"]["median"]
+    return {"summary": summary, "raw": res}
+
+
 def plot(summary, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -179,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default="locality,random,round_robin")
     p.add_argument("--out", type=Path, default=Path("docs/results/router_bench.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/figures/router_bench.png"))
+    p.add_argument("--stall-runs", type=int, default=0,
+                   help="instead of the workload: measure migration stall over this many stream pairs")
     args = p.parse_args(argv)
 
     command = "python -m tritonmoe.tools.bench_router " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -186,6 +238,14 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"command: {command}\nmachine: {machine}\ndate:    {date}", flush=True)
     checkpoints = build_models(args.models)
+    if args.stall_runs:
+        out = measure_stall(args, checkpoints[0])
+        out.update(command=command, machine=machine, date=date)
+        print(json.dumps(out["summary"], indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     trace = make_trace(args.requests, args.models, args.mean_gap, args.cv, args.seed)
     gaps = np.diff([t for t, _ in trace])
     print(f"trace: {len(trace)} requests over {trace[-1][0]:.0f}s, inter-arrival CV {gaps.std() / gaps.mean():.2f}, "
