@@ -37,6 +37,7 @@ import torch
 
 from tritonmoe.backend.offload import OffloadConfig, attach_offloading
 from tritonmoe.backend.offload.eam import EAMCollection
+from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
 from tritonmoe.backend.offload.prefetch import RouterLookaheadPrefetch
@@ -370,6 +371,10 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
         n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
         groups = groups_for(traces, batch, n_groups)
         if "resident" in args.policies:
+            for m in modules:  # an earlier offloader (and its cache pool) stays alive through this handle
+                if hasattr(m, HANDLE_ATTR):
+                    delattr(m, HANDLE_ATTR)
+            _free(device)
             bench.make_resident(modules)
             model.set_experts_implementation("grouped_mm")
             r = run_requests(model, feed, traces, groups, args.new_tokens, device, None, args.warmup, False,
@@ -571,10 +576,24 @@ def plot(results: list[dict], prefix: str) -> list[str]:
     return paths
 
 
+def merge(paths: list[str], out: str, plot_prefix: str | None) -> int:
+    runs = [json.load(open(p)) for p in paths]
+    results = [r for run in runs for r in run["results"]]
+    bw = statistics.median(run["env"]["h2d"]["pinned_GBps"] for run in runs)
+    add_bounds(results, bw)
+    with open(out, "w") as f:
+        json.dump({"runs": [run["env"] for run in runs], "h2d_pinned_GBps_median": bw, "results": results}, f,
+                  indent=1)
+    print(table(results))
+    if plot_prefix:
+        print("plots: " + ", ".join(plot(results, plot_prefix)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", action="append", choices=["dsv2lite", "qwen3"], required=True)
-    p.add_argument("--traces", action="append", required=True, help="trace file per --shape, same order")
+    p.add_argument("--shape", action="append", choices=["dsv2lite", "qwen3"])
+    p.add_argument("--traces", action="append", help="trace file per --shape, same order")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--small", action="store_true", help="tiny hidden sizes: develop the harness on a CPU")
@@ -594,8 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerate-tokens", type=int, default=8)
     p.add_argument("--out", default="runs/bench_offload.json")
     p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files (later ones add to earlier), "
+                   "recompute bounds and ratios, write --out, print the table, plot; no benchmark is run")
     a = p.parse_args(argv)
-    if len(a.shape) != len(a.traces):
+    if a.merge:
+        return merge(a.merge, a.out, a.plot_prefix)
+    if not a.shape or len(a.shape) != len(a.traces or []):
         raise SystemExit("give one --traces per --shape")
     device = torch.device(a.device)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

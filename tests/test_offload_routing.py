@@ -1,0 +1,71 @@
+"""The routing-trace tool: a few training steps on real local text, a trace file of the right shape and contents,
+and skew statistics that tell learned-like skew from uniform routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tritonmoe.tools import train_routing as tr
+
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routing")
+    cfg = tr.TrainConfig(layers=3, experts=8, top_k=2, shared_experts=1, hidden=32, heads=2, expert_ffn=16,
+                         vocab=512, context=64, batch=4, max_steps=3, requests=12, prompt_len=48, gen_len=8,
+                         corpus_mb=1.5)
+    corpus = tr.prepare_corpus(cfg, root / "corpus.npz", log=lambda s: None)
+    meta = tr.train_and_trace(cfg, corpus, root / "traces.npz", log=lambda s: None)
+    return tr.Traces(root / "traces.npz"), meta, cfg
+
+
+def test_trace_file_shape_and_contents(traces):
+    t, meta, cfg = traces
+    assert meta["train_steps"] == 3 and len(meta["curve"]) >= 1
+    R = t.requests
+    assert 1 <= R <= cfg.requests
+    assert t.experts.shape == (R, cfg.layers, cfg.prompt_len + cfg.gen_len, cfg.top_k)
+    assert t.lookahead.shape == (R, cfg.layers - 1, cfg.gen_len, cfg.top_k)
+    assert t.lookahead_prefill.shape == (R, cfg.layers - 1, cfg.experts)
+    assert t.experts.max() < cfg.experts
+    # top-k picks distinct experts per token (stored sorted)
+    assert (np.diff(t.experts.astype(int), axis=-1) > 0).all()
+    # the prompt's lookahead counts are k picks per prompt token
+    assert (t.lookahead_prefill.sum(axis=-1) == cfg.prompt_len * cfg.top_k).all()
+    assert set(t.split) <= {"eamc", "eval"} and set(t.category) <= set(tr.CATEGORIES)
+    eam = t.eam(0)
+    assert eam.shape == (2, cfg.layers, cfg.experts)
+    assert (eam[0].sum(axis=1) == cfg.prompt_len * cfg.top_k).all()
+    assert (eam[1].sum(axis=1) == cfg.gen_len * cfg.top_k).all()
+
+
+def test_held_out_documents_never_train():
+    docs = [("python", f"/x/{i}.py", "") for i in range(600)]
+    held = [p for _, p, _ in docs if tr.is_held_out(p)]
+    assert 0.1 < len(held) / len(docs) < 0.25  # one in six, stable
+    assert held == [p for _, p, _ in docs if tr.is_held_out(p)]
+
+
+def test_skew_statistics_separate_skewed_from_uniform(traces):
+    t, _, cfg = traces
+    uniform = tr.uniform_like(t.experts, t.num_experts)
+    assert uniform.shape == t.experts.shape
+    s_uniform = tr.skew_stats(uniform, t.prompt_len, t.num_experts, batch=4)
+    # routing where every request uses the same two experts per layer: maximal skew, full reuse
+    fixed = np.zeros_like(t.experts)
+    fixed[..., 1] = 1
+    s_fixed = tr.skew_stats(fixed, t.prompt_len, t.num_experts, batch=4)
+    E = t.num_experts
+    assert s_fixed["touched_per_request_decode"] == pytest.approx(2 / E)
+    assert s_fixed["touched_per_batch_decode"] == pytest.approx(2 / E)
+    assert s_fixed["decode_reuse_within_request"] == pytest.approx(1 - 1 / cfg.gen_len)
+    assert s_fixed["decode_reuse_incl_prompt"] == pytest.approx(1.0)
+    assert s_fixed["clusters_cos0.7"] == 1
+    assert s_uniform["touched_per_request_decode"] > s_fixed["touched_per_request_decode"]
+    assert s_uniform["normalised_entropy_all_requests"] > 0.9 > s_fixed["normalised_entropy_all_requests"]
+    learned = tr.skew_stats(t.experts, t.prompt_len, t.num_experts, batch=4)
+    for key in ("touched_per_request_decode", "decode_reuse_within_request", "top10pct_share_all_requests"):
+        assert 0.0 <= learned[key] <= 1.0
