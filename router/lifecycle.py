@@ -328,7 +328,8 @@ class Manager:
             idle = sorted((i for i in ready if i.inflight == 0 and now - i.last_used > spec.keep_alive_s),
                           key=lambda i: i.last_used)
             for inst in idle[:max(0, len(ready) - spec.min_instances)]:
-                await self.unload(inst.host, spec.name, "keep-alive expired")
+                if inst.inflight == 0 and inst.state == "ready":  # a request may have taken it meanwhile
+                    await self.unload(inst.host, spec.name, "keep-alive expired")
             if self.loaded_count(spec.name) < spec.min_instances:
                 failed = self.load_failures.get(spec.name)
                 if failed and now - failed[0] < self.cfg.load_failure_backoff_s:

@@ -188,6 +188,7 @@ class Poller:
         await asyncio.gather(*(self.poll(h) for h in self.hosts), return_exceptions=True)
 
     async def poll(self, host: Host) -> None:
+        started = time.monotonic()
         try:
             async with self.session.get(f"http://{host.cfg.http}/v2/health/live") as r:
                 if r.status != 200:
@@ -209,7 +210,9 @@ class Poller:
         host.failures, host.healthy = 0, True
         for model, inst in list(host.instances.items()):
             # the server lost a model the router believed ready (restart, crash): forget the instance
-            if inst.state == "ready" and model not in host.server_models and self.on_server_lost:
+            # (only instances loaded before this poll asked: a load finishing meanwhile is not in its answer)
+            if inst.state == "ready" and inst.loaded_at < started and model not in host.server_models \
+                    and self.on_server_lost:
                 self.on_server_lost(host, model)
         if host.cfg.loader:
             await self.poll_loader(host)
