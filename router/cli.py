@@ -2,27 +2,62 @@
 
     python -m tritonmoe.router --config hosts.json [--host 127.0.0.1] [--port 8080] [--policy locality]
                                [--token-file FILE] [--log-level info]
+    python -m tritonmoe.router --local-servers 3 --deploy NAME=/abs/checkpoint [--deploy ...] [--keep-alive 60]
 
 The config file (JSON, or TOML when it ends in .toml) lists the hosts and the deployed models; flags override its
 ``listen``, ``policy`` and ``token_file`` entries. ``$TRITONMOE_ROUTER_TOKEN`` sets the token too.
+``--local-servers N`` is the single-machine multi-server mode: it starts N tritonservers on loopback (empty model
+repositories, explicit model control; the router sends model code and config with each load), adds them as hosts,
+and stops them when the router exits. ``--deploy`` registers models (nothing loads until the first request).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
+import sysconfig
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
 
-from .config import POLICIES, ConfigError, load_config
+from .config import POLICIES, ConfigError, HostConfig, ModelSpec, RouterConfig, load_config
+
+log = logging.getLogger("tritonmoe.router")
+
+
+def start_local_servers(n: int) -> list:
+    from tritonmoe.tools.tritonserver import TritonServer
+
+    sysconfig.get_config_vars()  # lazily filled and not thread-safe: fill it before the parallel starts
+    root = Path(tempfile.mkdtemp(prefix="tritonmoe-router-"))
+    servers = []
+    for i in range(n):
+        (root / f"repo{i}").mkdir()
+        servers.append(TritonServer(root / f"repo{i}", log_path=root / f"server{i}.log"))
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(s.start, 180) for s in servers]
+        errors = [f.exception() for f in futures]
+    if any(errors):
+        for s in servers:
+            s.stop()
+        raise RuntimeError(f"a local tritonserver did not start: {next(e for e in errors if e)}")
+    for i, s in enumerate(servers):
+        log.info("local tritonserver h%d: gRPC %s, HTTP %s, log %s", i, s.grpc_url, s.http_url, s.log_path)
+    return servers
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tritonmoe.router", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="hosts file (JSON or TOML)")
+    p.add_argument("--config", help="hosts file (JSON or TOML)")
+    p.add_argument("--local-servers", type=int, default=0, metavar="N",
+                   help="start N tritonservers on loopback and route over them")
+    p.add_argument("--deploy", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="deploy a model (absolute checkpoint path); repeatable")
+    p.add_argument("--keep-alive", type=float, help="keep-alive seconds of --deploy models (default 60)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
     p.add_argument("--policy", choices=POLICIES, help="placement policy")
@@ -30,25 +65,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.config and not args.local_servers:
+        p.error("give --config, --local-servers N, or both")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config) if args.config else None
+        for item in args.deploy:
+            name, sep, ckpt = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--deploy takes NAME=CHECKPOINT, got {item!r}")
+            doc = {"checkpoint": str(Path(ckpt).expanduser().resolve()) if os.sep in ckpt else ckpt}
+            if args.keep_alive is not None:
+                doc["keep_alive_s"] = args.keep_alive
+            spec = ModelSpec.parse(name, doc)
+            if cfg is not None:
+                cfg.models[name] = spec
+            else:
+                args._specs = getattr(args, "_specs", {}) | {name: spec}
     except (ConfigError, OSError) as e:
         p.error(str(e))
-    if args.host:
-        cfg.listen_host = args.host
-    if args.port:
-        cfg.listen_port = args.port
-    if args.policy:
-        cfg.policy = args.policy
-    if args.token_file:
-        cfg.token = Path(args.token_file).read_text().strip() or None
-    elif os.environ.get("TRITONMOE_ROUTER_TOKEN"):
-        cfg.token = os.environ["TRITONMOE_ROUTER_TOKEN"]
-    from .app import Router
+    servers = start_local_servers(args.local_servers) if args.local_servers else []
+    try:
+        local = [HostConfig(f"h{i}", s.http_url, s.grpc_url, s.metrics_url) for i, s in enumerate(servers)]
+        if cfg is None:
+            cfg = RouterConfig(local, getattr(args, "_specs", {}))
+        else:
+            cfg.hosts += local
+        if args.host:
+            cfg.listen_host = args.host
+        if args.port:
+            cfg.listen_port = args.port
+        if args.policy:
+            cfg.policy = args.policy
+        if args.token_file:
+            cfg.token = Path(args.token_file).read_text().strip() or None
+        elif os.environ.get("TRITONMOE_ROUTER_TOKEN"):
+            cfg.token = os.environ["TRITONMOE_ROUTER_TOKEN"]
+        from .app import Router
 
-    router = Router(cfg)
-    logging.getLogger("tritonmoe.router").info("router on http://%s:%d, %d hosts, policy %s%s", cfg.listen_host,
-                                               cfg.listen_port, len(cfg.hosts), cfg.policy,
-                                               ", token required" if cfg.token else "")
-    web.run_app(router.app(), host=cfg.listen_host, port=cfg.listen_port, print=None)
+        router = Router(cfg)
+        log.info("router on http://%s:%d, %d hosts, policy %s, models %s%s", cfg.listen_host, cfg.listen_port,
+                 len(cfg.hosts), cfg.policy, sorted(cfg.models), ", token required" if cfg.token else "")
+        web.run_app(router.app(), host=cfg.listen_host, port=cfg.listen_port, print=None)
+    finally:
+        for s in servers:
+            s.stop()
     return 0

@@ -294,3 +294,42 @@ def test_client_disconnect_cancels_the_request_on_the_server(cluster):
     wait_for(lambda: sum(_server_metric(s, "tritonmoe_requests_total", model="greedy", outcome="cancelled")
                          for s in cluster.servers) > before, 30, "the server to cancel the request")
     wait_for(lambda: not api(cluster, "/admin/requests")["requests"], 10, "the router to drop the session")
+
+
+def test_command_with_local_servers(tiny, reference, tmp_path):
+    """``python -m tritonmoe.router --local-servers 1 --deploy ...``: the single-machine multi-server mode serves
+    the deployed model, and stopping the router stops its servers."""
+    import signal
+    import subprocess
+    import sys
+
+    from tritonmoe.tools.tritonserver import free_port
+
+    port = free_port()
+    log = open(tmp_path / "router.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.router", "--local-servers", "1", "--port", str(port),
+                             "--deploy", f"cli={tiny('mixtral')}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), 120, "the router command to listen")
+        _, text = reference(tiny("mixtral"), PROMPTS[1], 6)
+        r = call(url + "/v2/models/cli/generate", {"text_input": PROMPTS[1], "exclude_input_in_output": True,
+                                                   "parameters": {"max_tokens": 6}})
+        assert r["text_output"] == text
+        hosts = call(url + "/admin/hosts")["hosts"]
+        assert [h["name"] for h in hosts] == ["h0"] and hosts[0]["instances"]["cli"]["state"] == "ready"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    out = (tmp_path / "router.log").read_text()
+    server_log = out.split("log ")[-1].split()[0]
+    assert "local tritonserver h0" in out and Path(server_log).exists()
+    pids = subprocess.run(["pgrep", "-f", server_log.rsplit("/", 1)[0]], capture_output=True, text=True).stdout
+    assert pids.strip() == "", "the router's local servers outlived it"
+
+
+def _up(url: str) -> bool:
+    try:
+        return call(url + "/health", timeout=2)["status"] == "ok"
+    except Exception:  # noqa: BLE001
+        return False
