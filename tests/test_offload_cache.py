@@ -214,3 +214,26 @@ def test_fetch_overhead_helper_measures_misses():
     out = measure_fetch_overhead("cpu", expert_bytes=64 * 1024, fetches=100)
     assert out["fetches"] == 100 and out["median_fetch_us"] > 0 and out["median_bare_copy_us"] > 0
     assert out["stall_us_per_fetch"] > 0  # on-demand copies on the CPU path are stalls by definition
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.integers(0, 3), min_size=1, max_size=40), data=st.data())
+def test_lowest_first_is_the_value_then_recency_order(values, data):
+    """One selection of n victims equals n one-at-a-time choices: lowest value first, ties least recent first."""
+    from tritonmoe.backend.offload.eviction import lowest_first
+
+    values = np.array(values, dtype=float)
+    ticks = np.array(data.draw(st.permutations(range(len(values)))))  # the cache's ticks are distinct
+    n = data.draw(st.integers(1, len(values)))
+    assert lowest_first(values, ticks, n).tolist() == np.lexsort((ticks, values))[:n].tolist()
+
+
+def test_one_layer_with_many_misses_evicts_what_single_misses_would():
+    """LFU over two rounds: the experts a layer needs at once replace the least used residents, least recent
+    first among equals, as single acquisitions would."""
+    cache, _, _ = make_cache(4, "lfu")
+    for e in (0, 0, 1, 2, 2, 3):
+        cache.acquire(0, [e]); cache.release()
+    # uses: 0 -> 2, 1 -> 1, 2 -> 2, 3 -> 1; two misses at once evict 1 then 3 (both used once, 1 older)
+    cache.acquire(1, [0, 1]); cache.release()
+    assert sorted(cache.resident()) == [(0, 0), (0, 2), (1, 0), (1, 1)]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .copy_engine import CopyEngine
-from .eviction import EvictionPolicy, Key
+from .eviction import EvictionPolicy, Key, lowest_first
 from .host_store import HostExpertStore
 from .stats import OffloadStats
 
@@ -66,16 +66,23 @@ class ExpertCache:
             raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.num_slots} slots")
         keys = [(layer, e) for e in experts]
         self._protected[:] = False
+        missing = 0
         for k in keys:
             if k in self._slot_of:
                 self._protected[self._slot_of[k]] = True
+            else:
+                missing += 1
+        # slots for the misses: free ones, then one selection of victims for all of them
+        spare = [self._free.pop() for _ in range(min(missing, len(self._free)))]
+        spare += self._evict_lowest(missing - len(spare))
+        spare.reverse()  # pop() below hands them out in eviction order
         slots = []
         for key in keys:
             slot = self._slot_of.get(key)
             self.stats.uses[layer] += 1
             if slot is None:
                 self.stats.misses[layer] += 1
-                slot = self._claim_slot()
+                slot = spare.pop()
                 self._load(key, slot, urgent=True)
             else:
                 self.stats.hits[layer] += 1
@@ -104,19 +111,29 @@ class ExpertCache:
         self.stats.prefetches[key[0]] += 1
         return True
 
-    def _claim_slot(self, incoming: Key | None = None) -> int | None:
-        """A free slot, or the slot of an evicted expert. ``incoming`` set: a prefetch, which may be refused."""
+    def _lowest(self, n: int) -> np.ndarray:
+        """Slots of the ``n`` evictable experts the policy values least, in eviction order."""
+        candidates = np.flatnonzero(~self._protected & (self._layer >= 0))
+        if len(candidates) < n:
+            raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
+        values = self.eviction.values(self._layer[candidates], self._expert[candidates])
+        return candidates[lowest_first(values, self._tick[candidates], n)]
+
+    def _evict_lowest(self, n: int) -> list[int]:
+        if n <= 0:
+            return []
+        return [self._evict((int(self._layer[s]), int(self._expert[s]))) for s in self._lowest(n)]
+
+    def _claim_slot(self, incoming: Key) -> int | None:
+        """For a prefetch of ``incoming``: a free slot, or the slot of an evicted expert the policy values below
+        it; None when there is none."""
         if self._free:
             return self._free.pop()
-        candidates = np.flatnonzero(~self._protected)  # no free slot: every slot is occupied
-        if not len(candidates):
-            if incoming is not None:
-                return None
-            raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
-        slot = int(candidates[self.eviction.victim(self._layer[candidates], self._expert[candidates],
-                                                   self._tick[candidates])])
+        if not (~self._protected).any():
+            return None
+        slot = int(self._lowest(1)[0])
         victim = (int(self._layer[slot]), int(self._expert[slot]))
-        if incoming is not None and not self.eviction.admits(incoming, victim):
+        if not self.eviction.admits(incoming, victim):
             return None
         return self._evict(victim)
 

@@ -1,7 +1,9 @@
 """Which cached expert to evict. Keys are ``(moe_layer, expert)``.
 
-The cache hands each policy the evictable experts as arrays (their layers, experts and last-use ticks), and every
-policy breaks its ties by recency: among equals, the least recently used goes. LRU is "the lowest tick".
+Each policy values the evictable experts (arrays of their layers and experts); the cache evicts the lowest
+values first and breaks ties by recency: among equals, the least recently used goes. LRU values all alike.
+The misses of one layer are evicted for together: values do not change while a layer acquires its experts
+(the prediction is fixed, and the experts it uses are protected), so one selection equals one per miss.
 """
 
 from __future__ import annotations
@@ -13,19 +15,29 @@ import numpy as np
 Key = tuple[int, int]
 
 
-def _least_recent_of_lowest(values: np.ndarray, ticks: np.ndarray) -> int:
-    """Index of the lowest value; among equal lowest values, the one with the lowest tick."""
-    ties = np.flatnonzero(values == values.min())
-    return int(ties[np.argmin(ticks[ties])]) if len(ties) > 1 else int(ties[0])
+def lowest_first(values: np.ndarray, ticks: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` lowest ``values`` in eviction order: by value, equal values least recent (lowest tick)
+    first. O(len) for the usual small ``n`` (one partition), not a full sort."""
+    if n == 1:
+        ties = np.flatnonzero(values == values.min())
+        return ties[np.argmin(ticks[ties])][None] if len(ties) > 1 else ties
+    if n >= len(values):
+        return np.lexsort((ticks, values))
+    kth = np.partition(values, n - 1)[n - 1]
+    below = np.flatnonzero(values < kth)
+    at = np.flatnonzero(values == kth)
+    at = at[np.argsort(ticks[at], kind="stable")][:n - len(below)]
+    chosen = np.concatenate([below, at])
+    return chosen[np.lexsort((ticks[chosen], values[chosen]))]
 
 
 class EvictionPolicy(Protocol):
     def on_use(self, key: Key) -> None:
         """An expert was used by the computation (a hit or a demand fetch; not a prefetch)."""
 
-    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
-        """Index of the expert to evict among the candidates ``(layers[i], experts[i])`` (non-empty);
-        ``ticks[i]``: its last use, higher = more recent."""
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """How much each candidate ``(layers[i], experts[i])`` is worth keeping: the cache evicts the lowest
+        first, equal values least recently used first (see :func:`lowest_first`)."""
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         """Whether a prefetch of ``incoming`` is worth evicting ``victim``."""
@@ -35,8 +47,8 @@ class LRUEviction:
     def on_use(self, key: Key) -> None:
         pass
 
-    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
-        return int(np.argmin(ticks))
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return np.zeros(len(layers))  # all equal: recency alone decides
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         return True
@@ -62,8 +74,8 @@ class LFUEviction:
         out[inside] = self.uses[layers[inside], experts[inside]]
         return out
 
-    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
-        return _least_recent_of_lowest(self.count(layers, experts), ticks)
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.count(layers, experts)
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         return True
@@ -91,8 +103,8 @@ class ActivationAwareEviction:
         row_sum = p.sum(axis=1) + num_experts * self.EPS
         return (p[layers, experts] + self.EPS) / row_sum[layers] * (1.0 - layers / num_layers)
 
-    def victim(self, layers: np.ndarray, experts: np.ndarray, ticks: np.ndarray) -> int:
-        return _least_recent_of_lowest(self.scores(layers, experts), ticks)
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.scores(layers, experts)
 
     def admits(self, incoming: Key, victim: Key) -> bool:
         s_in, s_victim = self.scores(np.array([incoming[0], victim[0]]), np.array([incoming[1], victim[1]]))
