@@ -7,6 +7,7 @@ with a running loader serves the model through its DRAM cache)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,7 @@ def test_loader_down_is_avoided_and_a_live_loader_serves(cluster, tiny, tmp_path
             loader.wait(20)
         except subprocess.TimeoutExpired:
             loader.kill()
+        shutil.rmtree(f"/dev/shm/tritonmoe-router-test-{port}", ignore_errors=True)  # the DRAM cache outlives it
 
 
 def _alive(client) -> bool:
