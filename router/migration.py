@@ -233,6 +233,8 @@ class StreamSession:
             probe = await upstream.probe(host.client, self.model, min(5.0, self.cfg.token_timeout_s))
             if probe is not None and probe.kind in ("stub", "hung"):
                 err = upstream.UpstreamError("stub", f"{err} (probe: {probe})")
+        if err.kind == "model":
+            self.m.server_lost(host, self.model)  # unloaded behind the router's back: forget the instance
         if err.kind == "stub":
             self.m.mark_dead(up.inst, str(err))
         elif err.kind in ("server", "hung"):

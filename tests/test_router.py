@@ -333,3 +333,19 @@ def _up(url: str) -> bool:
         return call(url + "/health", timeout=2)["status"] == "ok"
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_model_unloaded_behind_the_routers_back(cluster, tiny, reference):
+    """Someone unloads an instance directly on a server: requests still succeed (the stream fails over, or the
+    poll notices first) and min_instances brings the instance back."""
+    host = next(h for h in cluster.router.hosts if h.ready_instance("greedy"))
+    server = cluster.servers[int(host.name[1:])]
+    req = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/greedy/unload", data=b"{}")
+    urllib.request.urlopen(req, timeout=60).read()
+    wait_for(lambda: "greedy" not in server_models(server), 30, "the direct unload")
+    ids, _ = reference(tiny("mixtral"), PROMPTS[2], 6)
+    for _ in range(3):
+        r = api(cluster, "/v2/models/greedy/generate", {"text_input": PROMPTS[2], "parameters": {"max_tokens": 6}})
+        assert r["output_token_ids"] == ids
+    wait_for(lambda: sum(1 for h in cluster.router.hosts if h.ready_instance("greedy")) == 2, 120,
+             "min_instances to restore the second instance")
