@@ -138,7 +138,12 @@ class Bench:
         routers replaced by replays. Returns ``(model, feed, experts_modules)``."""
         import transformers as tf
 
-        cfg = make_config(self.shape, layers, self.small)
+        cfg = make_config(self.shape, layers if layers is not None or not self.small else self.traces.layers,
+                          self.small)
+        if self.small:  # CPU development and tests: any trace file's layer x expert x top-k shape
+            experts_key = "n_routed_experts" if self.shape == "dsv2lite" else "num_experts"
+            setattr(cfg, experts_key, self.traces.num_experts)
+            cfg.num_experts_per_tok = self.traces.top_k
         with torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
         experts = _experts_modules(model)

@@ -365,6 +365,7 @@ class Traces:
 
     def __init__(self, path: str | Path):
         z = np.load(path, allow_pickle=False)
+        self.path = Path(path)
         self.experts = z["experts"]
         self.lookahead = z["lookahead"]  # [R, L-1, gen_len, k]: decode tokens
         self.lookahead_prefill = z["lookahead_prefill"]  # [R, L-1, E]: picks over the prompt
