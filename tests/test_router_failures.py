@@ -173,21 +173,21 @@ def test_server_killed_mid_stream_resumes_elsewhere(cluster):
 
 
 def test_loader_down_is_avoided_and_a_live_loader_serves(cluster, tiny, tmp_path):
-    """Hosts with loaders: h0's loader is down, h1's runs, h2 has none. A model that loads through the loader
-    goes to h1 and ends up in h1's DRAM cache; the loader's tier shows in the placement estimate."""
+    """Two hosts with loaders: h0's is down, h1's runs. A model that loads through the loader goes to h1, is
+    registered there by the router and ends up in h1's DRAM cache, serving what the server serves directly."""
     from tritonmoe.loader.client import LoaderClient
     from tritonmoe.loader.convert import convert
 
     converted = convert(tiny("mixtral"), tmp_path / "mixtral-converted", progress=False).dest
     port = free_port()
-    loader = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(tmp_path / "root"),
-                               "--dram-budget", "1GiB", "--disk-budget", "1GiB", "--port", str(port),
-                               "--shm-dir", f"/dev/shm/tritonmoe-router-test-{port}"],
-                              stdout=open(tmp_path / "loader.log", "wb"), stderr=subprocess.STDOUT)
     servers = [s for s in cluster.servers if s.proc.poll() is None][:2]
     hosts = hosts_doc(servers)
     hosts[0]["loader"] = f"http://127.0.0.1:{free_port()}"   # nothing listens there
     hosts[1]["loader"] = f"http://127.0.0.1:{port}"
+    loader = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(tmp_path / "root"),
+                               "--dram-budget", "1GiB", "--disk-budget", "1GiB", "--port", str(port),
+                               "--shm-dir", f"/dev/shm/tritonmoe-router-test-{port}"],
+                              stdout=open(tmp_path / "loader.log", "wb"), stderr=subprocess.STDOUT)
     cfg = RouterConfig.parse({"hosts": hosts, "listen": {"port": 0}, "poll_interval_s": 0.5,
                               "models": {"viaload": {"checkpoint": str(converted), "use_loader": True}}})
     try:
