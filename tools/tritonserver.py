@@ -23,6 +23,9 @@ import urllib.request
 from pathlib import Path
 
 TRITON_VERSION = "2.51.0"
+# sysconfig fills its variables lazily and not thread-safely: servers started from several threads at once could
+# read LIBDIR as None and start without libpython on LD_LIBRARY_PATH. Fill them once, here.
+sysconfig.get_config_vars()
 
 
 class TritonError(RuntimeError):
