@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from . import upstream
 from .config import ModelSpec, RouterConfig
 from .placement import Candidate, Policy
-from .state import Host, Instance, checkpoint_bytes
+from .state import Host, Instance, cancel_quietly, checkpoint_bytes
 
 log = logging.getLogger("tritonmoe.router")
 
@@ -305,12 +305,7 @@ class Manager:
         self.task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_quietly(self.task)
 
     async def _loop(self) -> None:
         while True:

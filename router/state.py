@@ -167,12 +167,7 @@ class Poller:
         self.task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_quietly(self.task)
         if self.session:
             await self.session.close()
 
@@ -228,3 +223,13 @@ class Poller:
             if host.loader_ok is not False:
                 log.warning("loader of host %s unreachable: placement treats its checkpoints as disk", host.name)
             host.loader_ok = False
+
+
+async def cancel_quietly(task: asyncio.Task | None) -> None:
+    """Stop a background loop: cancel it and wait, whatever it ends with (it is being shut down)."""
+    if task:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
