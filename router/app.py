@@ -38,7 +38,9 @@ class Router:
         self.manager = Manager(cfg, self.hosts, make_policy(cfg.policy, policy_seed), self.registry)
         self.poller = Poller(self.hosts, cfg.poll_interval_s)
         self.poller.on_server_lost = self.manager.server_lost
+        self.poller.on_first_poll = self.manager.adopt  # models already loaded (a restarted router)
         self.sessions: dict[str, StreamSession] = {}
+        self.manager.sessions = self.sessions  # placement-driven migration moves running requests
         self.finished: collections.deque = collections.deque(maxlen=256)  # recent requests, for /admin/requests
         r = self.registry
         self.m_requests = Counter("tritonmoe_router_requests", "Requests by outcome", ["model", "outcome"],
@@ -338,7 +340,10 @@ class Router:
     async def h_hosts(self, request):
         return web.json_response({"hosts": [h.snapshot() for h in self.hosts], "policy": self.cfg.policy,
                                   "loaded_seconds": self.manager.loaded_seconds(),
-                                  "cold_starts": self.manager.cold_starts})
+                                  "cold_starts": self.manager.cold_starts,
+                                  "placement_migration": self.cfg.placement_migration,
+                                  "placement_decisions": list(self.manager.placement_log),
+                                  "adopted": self.manager.adopted})
 
     async def h_admin_models(self, request):
         return web.json_response({"models": [

@@ -6,8 +6,11 @@
       "policy": "locality",                                 # locality | random | round_robin
       "hosts": [
         {"name": "h0", "http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001", "metrics": "http://127.0.0.1:8002/metrics",
-         "loader": "http://127.0.0.1:8073", "max_models": 4}
+         "loader": "http://127.0.0.1:8073", "max_models": 4,
+         "device": "gpu:0",                                 # cpu (default) | gpu | gpu:N: the instance's device
+         "bandwidth": {"dram": 3e10, "disk": 2e9}}          # optional priors (bytes/s) of the start-up estimate
       ],
+      "placement_migration": false,                        # locality: migrate running streams to free a better host
       "models": {
         "mixtral": {"checkpoint": "/models/mixtral", "parameters": {"max_num_seqs": "8"},
                     "min_instances": 0, "max_instances": 2, "target_concurrency": 4, "keep_alive_s": 60}
@@ -30,6 +33,7 @@ from pathlib import Path
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
+DEVICE_RE = re.compile(r"^(cpu|gpu(:[0-9]{1,3})?)$")
 POLICIES = ("locality", "random", "round_robin")
 # Parameters that decide what code or files the server touches are set by the router, never by a deploy request.
 RESERVED_PARAMS = {"checkpoint", "loader_url", "eamc_path"}
@@ -54,12 +58,22 @@ class HostConfig:
     metrics: str | None = None  # full URL of Triton's Prometheus endpoint
     loader: str | None = None   # URL of the host's loader service (tier lookup); none: every checkpoint is "disk"
     max_models: int = 4         # models resident at once (GPU memory, in models); LRU idle ones make room
+    device: str = "cpu"         # where this server runs instances: cpu | gpu | gpu:N (KIND_GPU, device N)
+    bandwidth: dict[str, float] = field(default_factory=dict)  # priors of the tiers' load bandwidths (bytes/s)
+
+    @property
+    def instance_group(self) -> dict:
+        """Triton's instance_group entry for models loaded on this server."""
+        if self.device == "cpu":
+            return {"count": 1, "kind": "KIND_CPU"}
+        gpu = int(self.device.partition(":")[2] or 0)
+        return {"count": 1, "kind": "KIND_GPU", "gpus": [gpu]}
 
     @classmethod
     def parse(cls, doc: dict, i: int) -> "HostConfig":
         if not isinstance(doc, dict):
             raise ConfigError(f"hosts[{i}] must be an object")
-        unknown = set(doc) - {"name", "http", "grpc", "metrics", "loader", "max_models"}
+        unknown = set(doc) - {"name", "http", "grpc", "metrics", "loader", "max_models", "device", "bandwidth"}
         if unknown:
             raise ConfigError(f"hosts[{i}]: unknown key(s) {sorted(unknown)}")
         name = check_name(doc.get("name", f"host{i}"), "host name")
@@ -72,7 +86,16 @@ class HostConfig:
         max_models = doc.get("max_models", 4)
         if not isinstance(max_models, int) or max_models < 1:
             raise ConfigError(f"hosts[{i}].max_models must be an integer >= 1")
-        return cls(name, doc["http"], doc["grpc"], doc.get("metrics"), doc.get("loader"), max_models)
+        device = doc.get("device", "cpu")
+        if not isinstance(device, str) or not DEVICE_RE.match(device):
+            raise ConfigError(f"hosts[{i}].device must be 'cpu', 'gpu' or 'gpu:N', got {device!r}")
+        bandwidth = doc.get("bandwidth", {}) or {}
+        if not isinstance(bandwidth, dict) or any(
+                k not in ("dram", "disk", "remote") or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                for k, v in bandwidth.items()):
+            raise ConfigError(f"hosts[{i}].bandwidth must map dram/disk/remote to bytes per second > 0")
+        return cls(name, doc["http"], doc["grpc"], doc.get("metrics"), doc.get("loader"), max_models, device,
+                   {k: float(v) for k, v in bandwidth.items()})
 
 
 @dataclass
@@ -146,6 +169,7 @@ class RouterConfig:
     migration_handover_tokens: int = 8    # hand over when the destination is at most this far behind...
     migration_rounds: int = 3             # ...or after this many recompute rounds
     seed_sampled: bool = True             # give unseeded sampled requests a seed so they stay migratable
+    placement_migration: bool = False     # locality: migrate running streams off the best host to start there
 
     @classmethod
     def parse(cls, doc: dict, base_dir: Path | None = None) -> "RouterConfig":
@@ -181,8 +205,11 @@ class RouterConfig:
                 if not isinstance(doc[key], int) or doc[key] < 0:
                     raise ConfigError(f"'{key}' must be an integer >= 0")
                 setattr(cfg, key, doc[key])
-        if "seed_sampled" in doc:
-            cfg.seed_sampled = bool(doc["seed_sampled"])
+        for key in ("seed_sampled", "placement_migration"):
+            if key in doc:
+                if not isinstance(doc[key], bool):
+                    raise ConfigError(f"'{key}' must be true or false")
+                setattr(cfg, key, doc[key])
         return cfg
 
 

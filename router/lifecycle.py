@@ -6,6 +6,7 @@ unloading their least recently used idle model."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import upstream
 from .config import ModelSpec, RouterConfig
-from .placement import Candidate, Policy
+from .placement import Candidate, MigrationPlan, Move, Policy
 from .state import Host, Instance, cancel_quietly, checkpoint_bytes
 
 log = logging.getLogger("tritonmoe.router")
@@ -37,6 +38,9 @@ class Manager:
         self.instance_seconds = 0.0  # "GPU-seconds": time instances spent loaded, summed at unload
         self.cold_starts: list[dict] = []
         self.avg_request_s = 1.0
+        self.sessions: dict = {}  # running StreamSessions by id (the router's registry): what placement can move
+        self.placement_log: collections.deque = collections.deque(maxlen=128)  # migrate-or-not decisions
+        self.adopted: list[dict] = []  # instances found loaded when the router started
         self.task: asyncio.Task | None = None
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -47,6 +51,13 @@ class Manager:
         self.m_load_fail = Counter("tritonmoe_router_load_failures", "Failed loads", ["host"], registry=r)
         self.m_unloads = Counter("tritonmoe_router_unloads", "Unloads", ["reason"], registry=r)
         self.m_instances = Gauge("tritonmoe_router_instances", "Ready instances", ["model"], registry=r)
+        self.m_placement = Counter("tritonmoe_router_placement_decisions",
+                                   "Cold starts where a busy host had the better locality: migrate its streams "
+                                   "away and start there, or start on a free host", ["decision"], registry=r)
+        self.m_placement_moves = Counter("tritonmoe_router_placement_migrations",
+                                         "Streams migrated to free a host for another model", registry=r)
+        self.m_adopted = Counter("tritonmoe_router_adopted_instances",
+                                 "Instances found loaded on a server and taken over (router restart)", registry=r)
 
     # ---- registrations -----------------------------------------------------------------------------------------
     def deploy(self, spec: ModelSpec) -> None:
@@ -85,8 +96,8 @@ class Manager:
             if spec.use_loader and not h.loader_ok:
                 continue  # the backend would load through a loader that is down
             inst = h.instances.get(spec.name)
-            if inst is not None and inst.state == "dead":
-                continue
+            if inst is not None and (inst.state == "dead" or inst.draining):
+                continue  # dead, or its streams are moving away so another model can start there
             queue_s = h.loads_in_flight * h.overhead_s
             if inst is not None and inst.state == "ready":
                 seqs = int(spec.parameters.get("max_num_seqs", 8))
@@ -117,8 +128,10 @@ class Manager:
         return sum(1 for h in self.hosts if h.healthy and (i := h.instances.get(model)) is not None
                    and i.state in ("ready", "loading"))
 
-    async def acquire(self, model: str, exclude: set[str] = frozenset()) -> Instance:
-        """An instance to send one request to (its in-flight count already taken); loads one if needed."""
+    async def acquire(self, model: str, exclude: set[str] = frozenset(), allow_migration: bool = True) -> Instance:
+        """An instance to send one request to (its in-flight count already taken); loads one if needed. With
+        ``placement_migration``, a cold start may first migrate running streams off the host with the best
+        locality (not for the streams' own migrations: ``allow_migration`` False)."""
         spec = self.spec(model)
         failed = self.load_failures.get(model)
         if failed and time.monotonic() - failed[0] < self.cfg.load_failure_backoff_s:
@@ -129,14 +142,24 @@ class Manager:
         attempts = 0
         while attempts < len(self.hosts):
             cands = self.candidates(spec, tried)
-            if not cands:
+            choice = self.policy.choose(spec, cands, self.loaded_count(model)) if cands else None
+            plan = None
+            if allow_migration and self.cfg.placement_migration and self.policy.name == "locality" \
+                    and (choice is None or choice.tier not in ("gpu", "loading")):
+                plan = self._plan_migration(spec, tried, choice)
+                if plan is not None and not self._decide(spec, plan, choice):
+                    plan = None
+            if choice is None and plan is None:
                 if self._full_but_healthy(spec, tried) and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)  # every host is full of busy models: wait for one to free up
                     continue
                 break
             attempts += 1
-            choice = self.policy.choose(spec, cands, self.loaded_count(model))
-            inst = choice.host.instances.get(model)
+            if plan is not None:
+                choice = Candidate(plan.host, plan.tier, plan.load_s, plan.migration_s, 0)
+                inst = self._start_after_migration(spec, plan)
+            else:
+                inst = choice.host.instances.get(model)
             if inst is None or inst.state not in ("ready", "loading"):
                 inst = await self._start_load(choice.host, spec, choice.tier)
             inst.inflight += 1
@@ -159,6 +182,122 @@ class Manager:
             return inst
         raise RouterError(503, f"no healthy host can serve {model!r} now"
                           + (f" (tried {sorted(tried - set(exclude))})" if tried - set(exclude) else ""))
+
+    # ---- placement-driven migration (ServerlessLLM's locality-aware scheduling with live migration) ---------------
+    def _plan_migration(self, spec: ModelSpec, exclude: set[str], baseline: Candidate | None) -> MigrationPlan | None:
+        """The best host that is full of busy models but would start ``spec`` sooner than ``baseline`` (the
+        policy's cold start on a free host; None: no host has room) once streams are migrated off it: estimated
+        start-up = the slowest of the moves (destination's start-up + recomputing the stream's tokens there) +
+        loading ``spec`` on the freed host from its tier. None when no such host or no movable streams."""
+        nbytes = self.nbytes(spec)
+        best = None
+        for h in self.hosts:
+            if not h.healthy or h.name in exclude or (spec.use_loader and not h.loader_ok):
+                continue
+            if spec.name in h.instances or len(h.resident()) < h.cfg.max_models or self._evictable(h):
+                continue  # an ordinary candidate (or already starting the model)
+            tier = h.tier_of(spec.name, spec.use_loader)
+            load_s = h.estimate_load_s(tier, nbytes) + h.loads_in_flight * h.overhead_s
+            if baseline is not None and load_s >= baseline.startup_s:
+                continue  # its locality is no better than the free host's: nothing to gain
+            need = len(h.resident()) - h.cfg.max_models + 1
+            moves = sorted(filter(None, (self._move_for(i) for i in h.resident())), key=lambda m: m.cost_s)
+            if len(moves) < need:
+                continue
+            plan = MigrationPlan(h, tier, load_s, moves[:need])
+            if best is None or plan.total_s < best.total_s:
+                best = plan
+        return best
+
+    def _move_for(self, inst: Instance) -> Move | None:
+        """How the streams on ``inst`` would move elsewhere, and what that costs; None if they cannot all move
+        (a stream without tokens yet, one already migrating, a request still being placed) or the move would
+        leave the model below its min_instances."""
+        ispec = self.specs.get(inst.model)
+        if ispec is None or inst.state != "ready" or inst.draining or inst.inflight == 0:
+            return None
+        sessions = [s for s in self.sessions.values() if s.source_instance() is inst]
+        if len(sessions) != inst.inflight or not all(s.migratable() for s in sessions):
+            return None
+        dests = self.candidates(ispec, exclude={inst.host.name})
+        if not dests:
+            return None
+        dest = min(dests, key=lambda c: (c.startup_s, c.inflight))
+        others = sum(1 for h in self.hosts if h is not inst.host and h.ready_instance(inst.model))
+        if others + (0 if dest.tier == "gpu" else 1) < ispec.min_instances:
+            return None
+        tokens = max(s.num_input_tokens + len(s.tokens) for s in sessions)
+        return Move(inst, dest, sessions, tokens, dest.startup_s + dest.host.estimate_recompute_s(tokens))
+
+    def _decide(self, spec: ModelSpec, plan: MigrationPlan, baseline: Candidate | None) -> bool:
+        """Migrate when that starts the model sooner than the policy's cold start elsewhere (or when no host has
+        room at all). Logged with its estimates, counted, kept for /admin/hosts."""
+        migrate = baseline is None or plan.total_s < baseline.startup_s
+        entry = {"time": round(time.time(), 3), "model": spec.name, "decision": "migrate" if migrate else "start_elsewhere",
+                 "best_host": plan.host.name, "best_tier": plan.tier, "best_load_s": round(plan.load_s, 3),
+                 "migration_s": round(plan.migration_s, 3), "migrate_total_s": round(plan.total_s, 3),
+                 "moves": [{"model": m.inst.model, "from": m.inst.host.name, "to": m.dest.host.name,
+                            "to_tier": m.dest.tier, "streams": len(m.sessions), "tokens": m.tokens,
+                            "cost_s": round(m.cost_s, 3)} for m in plan.moves],
+                 "alternative_host": baseline.host.name if baseline else None,
+                 "alternative_tier": baseline.tier if baseline else None,
+                 "alternative_s": round(baseline.startup_s, 3) if baseline else None}
+        self.placement_log.append(entry)
+        self.m_placement.labels(entry["decision"]).inc()
+        moves = ", ".join(f"{m['streams']} stream(s) of {m['model']} {m['from']}->{m['to']} ({m['to_tier']}, "
+                          f"{m['tokens']} tokens, est. {m['cost_s']:.2f}s)" for m in entry["moves"])
+        alt = (f"start on {baseline.host.name} from {baseline.tier}: est. {baseline.startup_s:.2f}s" if baseline
+               else "no host has room")
+        log.info("placement of %s: %s | migrate %s, then load on %s from %s (est. %.2fs): est. %.2fs | %s",
+                 spec.name, entry["decision"].upper(), moves, plan.host.name, plan.tier, plan.load_s, plan.total_s,
+                 alt)
+        return migrate
+
+    def _start_after_migration(self, spec: ModelSpec, plan: MigrationPlan) -> Instance:
+        """A loading instance on the plan's host, joinable at once; it loads once the streams have moved."""
+        inst = Instance(spec.name, plan.host)
+        plan.host.instances[spec.name] = inst
+        for m in plan.moves:
+            m.inst.draining = True  # no new requests: they go to the destination
+        asyncio.ensure_future(self._migrate_then_load(spec, plan, inst))
+        return inst
+
+    async def _migrate_then_load(self, spec: ModelSpec, plan: MigrationPlan, inst: Instance) -> None:
+        host = plan.host
+        try:
+            for m in plan.moves:
+                mspec = self.specs.get(m.inst.model)
+                dest = m.dest.host.instances.get(m.inst.model)
+                if mspec is not None and (dest is None or dest.state not in ("ready", "loading")):
+                    dest = await self._start_load(m.dest.host, mspec, m.dest.tier)
+                if dest is not None and dest.state == "loading":
+                    await asyncio.wait_for(dest.ready.wait(), self.cfg.load_timeout_s)
+                if dest is None or dest.state != "ready":
+                    raise RuntimeError(f"{m.inst.model} did not start on {m.dest.host.name}: "
+                                       f"{dest.error if dest else 'undeployed'}")
+                results = await asyncio.gather(*(s.migrate(m.dest.host.name) for s in m.sessions),
+                                               return_exceptions=True)
+                for s, r in zip(m.sessions, results):
+                    if isinstance(r, BaseException):
+                        log.warning("placement of %s: request %s did not migrate (%s); it finishes on %s",
+                                    spec.name, s.id, r, m.inst.host.name)
+                    else:
+                        self.m_placement_moves.inc()
+        except Exception as e:  # noqa: BLE001 - the streams finish where they are; the load waits for them
+            log.warning("placement of %s on %s: migration failed (%s); waiting for the host to free up",
+                        spec.name, host.name, e)
+        # the sources stop at hand-over (a stream that could not move finishes where it is); then there is room
+        deadline = time.monotonic() + self.cfg.load_timeout_s
+        while any(m.inst.inflight for m in plan.moves) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if any(m.inst.inflight for m in plan.moves):
+            for m in plan.moves:
+                m.inst.draining = False
+            inst.state, inst.error = "dead", f"host {host.name} did not free up within {self.cfg.load_timeout_s:.0f}s"
+            host.instances.pop(spec.name, None)
+            inst.ready.set()
+            return
+        await self._load(host, spec, inst, plan.tier)  # unloads the now idle instances to make room
 
     def release(self, inst: Instance, seconds: float | None = None) -> None:
         inst.inflight = max(0, inst.inflight - 1)
@@ -204,8 +343,8 @@ class Manager:
                 await self._register_with_loader(host, spec)
             ckpt = spec.name if loader else spec.checkpoint
             self.m_cold.labels(host.name, tier).inc()
-            await upstream.load(host.client, spec.name, upstream.model_config(spec.name, ckpt, spec.parameters,
-                                                                              loader), self.cfg.load_timeout_s)
+            config = upstream.model_config(spec.name, ckpt, spec.parameters, loader, host.cfg.instance_group)
+            await upstream.load(host.client, spec.name, config, self.cfg.load_timeout_s)
         except upstream.UpstreamError as e:
             inst.state, inst.error = "dead", f"{e.kind}: {e}" if e.kind != "load" else f"load failed: {e}"
             host.instances.pop(spec.name, None)
@@ -260,6 +399,39 @@ class Manager:
             host.server_models.discard(model)
             self._update_gauge(model)
         log.info("unloaded %s on %s (%s)", model, host.name, reason)
+
+    async def adopt(self, host: Host) -> None:
+        """Take over the deployed models a server already has loaded when the router first reaches it (a router
+        restarted under running servers): they count as warm instances, loaded now, and keep-alive applies; no
+        reload. A model loaded with another checkpoint or other parameters is left alone (the router's first load
+        of it replaces it)."""
+        for name in sorted(host.server_models):
+            spec = self.specs.get(name)
+            if spec is None or name in host.instances:
+                continue
+            try:
+                doc = await asyncio.wait_for(host.client.get_model_config(name, as_json=True), 10)
+            except Exception as e:  # noqa: BLE001
+                log.warning("host %s: cannot read the config of loaded model %s (%s); not adopted", host.name, name, e)
+                continue
+            config = doc.get("config", doc)
+            have = {k: v.get("string_value") for k, v in (config.get("parameters") or {}).items()}
+            loader = host.cfg.loader if spec.use_loader else None
+            want = upstream.model_config(name, spec.name if loader else spec.checkpoint, spec.parameters, loader,
+                                         host.cfg.instance_group)
+            mismatch = sorted(k for k, v in want["parameters"].items() if have.get(k) != v["string_value"])
+            if mismatch:
+                log.warning("host %s has %s loaded with other %s; not adopted", host.name, name, mismatch)
+                continue
+            now = time.monotonic()
+            inst = Instance(name, host, state="ready", last_used=now, loaded_at=now)
+            inst.ready.set()
+            host.instances[name] = inst
+            self.adopted.append({"model": name, "host": host.name})
+            self.m_adopted.inc()
+            self._update_gauge(name)
+            log.info("adopted %s on %s: loaded before this router started (keep-alive counts from now)", name,
+                     host.name)
 
     def mark_dead(self, inst: Instance, why: str) -> None:
         """The instance's stub died (Triton keeps the model READY): drop it and unload it so it can be loaded

@@ -91,7 +91,8 @@ class StreamSession:
     # ---- upstream tasks ----------------------------------------------------------------------------------------
     async def _open(self, exclude: set[str] = frozenset(), host: str | None = None, migration: bool = False):
         if host is not None:
-            inst = await self.m.acquire(self.model, exclude={h.name for h in self.m.hosts if h.name != host})
+            inst = await self.m.acquire(self.model, exclude={h.name for h in self.m.hosts if h.name != host},
+                                        allow_migration=False)
         else:
             inst = await self.m.acquire(self.model, exclude=exclude)
         up = _Upstream(next(_ids), inst, len(self.tokens), self.chars, len(self.tokens), self.chars,
@@ -135,6 +136,16 @@ class StreamSession:
         self.upstreams.pop(up.uid, None)
         if up.task and not up.task.done():
             up.task.cancel()  # closes the gRPC stream: the server cancels the request
+
+    def source_instance(self) -> Instance | None:
+        """The instance this request runs on, when it runs on exactly one (no migration in progress)."""
+        if len(self.upstreams) != 1:
+            return None
+        up = next(iter(self.upstreams.values()))
+        return None if up.migration else up.inst
+
+    def migratable(self) -> bool:
+        return bool(self.tokens) and self.source_instance() is not None and not self.scheduled
 
     # ---- the merged stream -------------------------------------------------------------------------------------
     async def run(self):
@@ -303,6 +314,9 @@ class StreamSession:
                 for src in [u for u in self.upstreams.values() if not u.migration]:
                     self._drop(src)
                 dest.migration = False
+                # what this round's recompute took on that host: the placement estimate learns from it
+                dest.inst.host.observe_recompute(self.num_input_tokens + dest.start_tokens,
+                                                 time.monotonic() - dest.started)
                 self.handover_at.append(len(self.tokens))
                 if self.migration_log:
                     self.migration_log[-1].update(handover_token=len(self.tokens), dest_token=dest.tokens_end,

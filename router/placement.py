@@ -5,6 +5,11 @@ instance there or loads the model there first (a cold start). ``locality`` (Serv
 estimated start-up: queue wait + checkpoint bytes / bandwidth of the tier holding it (0 when loaded), with
 bandwidths measured per host. ``random`` and ``round_robin`` are the baselines: they ignore where the model is
 (plain Triton loading wherever they land), as a load balancer without model locality would.
+
+With ``placement_migration`` (locality only; the manager's ``_plan_migration``), a host that is full of busy
+models is a candidate too: its start-up is the cost of migrating the running streams elsewhere (the destination's
+start-up + recomputing each stream's tokens there) + loading the model from that host's tier, compared with the
+policy's cold start on a free host (``MigrationPlan``, ``Move``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 from dataclasses import dataclass
 
 from .config import ModelSpec
-from .state import Host
+from .state import Host, Instance
 
 
 @dataclass
@@ -28,6 +33,33 @@ class Candidate:
     @property
     def startup_s(self) -> float:
         return self.load_s + self.queue_s
+
+
+@dataclass
+class Move:
+    """Running streams of one busy instance, moved to free its place (placement-driven migration)."""
+    inst: Instance      # the busy instance (its host is the one being freed)
+    dest: Candidate     # where its model carries on: a warm instance, or a cold start there
+    sessions: list      # the StreamSessions running on it
+    tokens: int         # prompt + generated tokens of the longest stream (what the destination recomputes)
+    cost_s: float       # destination's start-up + estimated recompute of the longest stream
+
+
+@dataclass
+class MigrationPlan:
+    """Start a model on ``host`` (the best locality) after migrating ``moves`` away (ServerlessLLM section 5)."""
+    host: Host
+    tier: str           # where the model's checkpoint is on ``host``
+    load_s: float       # estimated load there (with the host's load queue)
+    moves: list[Move]
+
+    @property
+    def migration_s(self) -> float:
+        return max(m.cost_s for m in self.moves)  # the moves run in parallel
+
+    @property
+    def total_s(self) -> float:
+        return self.migration_s + self.load_s
 
 
 class Policy:

@@ -24,6 +24,10 @@ TIERS = ("gpu", "dram", "disk", "remote")
 # imports, model build). Replaced by measurements (EWMA) as loads complete.
 DEFAULT_BANDWIDTH = {"dram": 8e9, "disk": 1e9, "remote": 1e8}
 DEFAULT_OVERHEAD_S = 5.0
+# Recomputing a migrated stream's KV cache on the destination (ServerlessLLM: a * tokens + b): prefill of prompt +
+# generated tokens plus a fixed cost (request set-up, first step). Learned per destination from migrations.
+DEFAULT_RECOMPUTE_OVERHEAD_S = 0.2
+DEFAULT_RECOMPUTE_S_PER_TOKEN = 2e-4
 EWMA = 0.5
 _METRIC_RE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+|nan|inf)$')
 
@@ -40,6 +44,7 @@ class Instance:
     probed: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    draining: bool = False  # its streams are being migrated away to free the host: no new requests
 
 
 class Host:
@@ -54,10 +59,14 @@ class Host:
         self.running: dict[str, float] = {}     # tritonmoe_running_sequences per model
         self.loader_ok: bool | None = None if cfg.loader else False
         self.loader_tiers: dict[str, tuple[str, int | None]] = {}
-        self.bandwidth = dict(DEFAULT_BANDWIDTH)
+        self.bandwidth = {**DEFAULT_BANDWIDTH, **cfg.bandwidth}
         self.overhead_s = DEFAULT_OVERHEAD_S
         self.loads_in_flight = 0
         self.loads_observed = 0
+        self.recompute_overhead_s = DEFAULT_RECOMPUTE_OVERHEAD_S
+        self.recompute_s_per_token = DEFAULT_RECOMPUTE_S_PER_TOKEN
+        self.recomputes_observed = 0
+        self.adopted = False  # models already loaded on the server were looked at (first successful poll)
 
     @property
     def client(self) -> agrpc.InferenceServerClient:
@@ -112,15 +121,34 @@ class Host:
             measured = nbytes / max(1e-3, seconds - self.overhead_s)
             self.bandwidth[tier] = (1 - EWMA) * bw + EWMA * measured
 
+    def estimate_recompute_s(self, tokens: int) -> float:
+        """Time for this host to take over a stream of ``tokens`` (prompt + generated) by recomputing them."""
+        return self.recompute_overhead_s + tokens * self.recompute_s_per_token
+
+    def observe_recompute(self, tokens: int, seconds: float) -> None:
+        """Update the recompute model from a migration (its destination's time to first output), the same way
+        as loads: the dominant term of the prediction takes the error."""
+        self.recomputes_observed += 1
+        per_token = tokens * self.recompute_s_per_token
+        if per_token < self.recompute_overhead_s:
+            self.recompute_overhead_s = (1 - EWMA) * self.recompute_overhead_s + EWMA * max(0.0, seconds - per_token)
+        else:
+            measured = max(0.0, seconds - self.recompute_overhead_s) / max(1, tokens)
+            self.recompute_s_per_token = (1 - EWMA) * self.recompute_s_per_token + EWMA * measured
+
     def snapshot(self) -> dict:
         return {"name": self.name, "healthy": self.healthy, "grpc": self.cfg.grpc, "http": self.cfg.http,
                 "loader": self.cfg.loader, "loader_ok": self.loader_ok, "max_models": self.cfg.max_models,
-                "instances": {m: {"state": i.state, "inflight": i.inflight, "error": i.error}
+                "instances": {m: {"state": i.state, "inflight": i.inflight, "error": i.error, "draining": i.draining}
                               for m, i in self.instances.items()},
                 "server_models": sorted(self.server_models), "running_sequences": self.running,
                 "startup_model": {"overhead_s": round(self.overhead_s, 3),
                                   "bandwidth_Bps": {k: round(v) for k, v in self.bandwidth.items()},
-                                  "loads_observed": self.loads_observed}}
+                                  "loads_observed": self.loads_observed},
+                "recompute_model": {"overhead_s": round(self.recompute_overhead_s, 4),
+                                    "s_per_token": self.recompute_s_per_token,
+                                    "migrations_observed": self.recomputes_observed},
+                "device": self.cfg.device}
 
 
 def checkpoint_bytes(path: str) -> int:
@@ -160,6 +188,7 @@ class Poller:
         self.task: asyncio.Task | None = None
         self.loader_token = os.environ.get("TRITONMOE_LOADER_TOKEN")
         self.on_server_lost = None  # callback(host, model): an instance the server no longer has
+        self.on_first_poll = None   # coroutine(host): the host answered for the first time (adopt its models)
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -211,6 +240,12 @@ class Poller:
                 self.on_server_lost(host, model)
         if host.cfg.loader:
             await self.poll_loader(host)
+        if not host.adopted and self.on_first_poll is not None:
+            host.adopted = True
+            try:
+                await self.on_first_poll(host)
+            except Exception:  # noqa: BLE001 - adoption is best effort: the models then load under the router
+                log.exception("adopting the models loaded on %s", host.name)
 
     async def poll_loader(self, host: Host) -> None:
         headers = {"Authorization": f"Bearer {self.loader_token}"} if self.loader_token else {}

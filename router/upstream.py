@@ -147,11 +147,12 @@ async def probe(client: agrpc.InferenceServerClient, model: str, timeout: float)
     return None
 
 
-def model_config(name: str, checkpoint: str, parameters: dict[str, str], loader_url: str | None = None) -> dict:
+def model_config(name: str, checkpoint: str, parameters: dict[str, str], loader_url: str | None = None,
+                 instance_group: dict | None = None) -> dict:
     params = {"checkpoint": checkpoint, **parameters}
     if loader_url:
         params["loader_url"] = loader_url
-    return {"name": name, "backend": "python", "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    return {"name": name, "backend": "python", "instance_group": [instance_group or {"count": 1, "kind": "KIND_CPU"}],
             "parameters": {k: {"string_value": str(v)} for k, v in params.items()}}
 
 
