@@ -1,7 +1,7 @@
 """Command line of the router.
 
     python -m tritonmoe.router --config hosts.json [--host 127.0.0.1] [--port 8080] [--policy locality]
-                               [--token-file FILE] [--log-level info]
+                               [--placement-migration] [--token-file FILE] [--log-level info]
     python -m tritonmoe.router --local-servers 3 --deploy NAME=/abs/checkpoint [--deploy ...] [--keep-alive 60]
 
 The config file (JSON, or TOML when it ends in .toml) lists the hosts and the deployed models; flags override its
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
     p.add_argument("--policy", choices=POLICIES, help="placement policy")
+    p.add_argument("--placement-migration", action="store_true", default=None,
+                   help="locality: when the host with the best locality for a model that must start is busy with "
+                        "another model's streams, migrate them away if that starts the model sooner than a free "
+                        "host would (the hosts file's placement_migration)")
     p.add_argument("--token-file", help="bearer token clients and the management API must send")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.listen_port = args.port
         if args.policy:
             cfg.policy = args.policy
+        if args.placement_migration:
+            cfg.placement_migration = True
         if args.token_file:
             cfg.token = Path(args.token_file).read_text().strip() or None
         elif os.environ.get("TRITONMOE_ROUTER_TOKEN"):
@@ -103,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         from .app import Router
 
         router = Router(cfg)
-        log.info("router on http://%s:%d, %d hosts, policy %s, models %s%s", cfg.listen_host, cfg.listen_port,
-                 len(cfg.hosts), cfg.policy, sorted(cfg.models), ", token required" if cfg.token else "")
+        log.info("router on http://%s:%d, %d hosts, policy %s%s, models %s%s", cfg.listen_host, cfg.listen_port,
+                 len(cfg.hosts), cfg.policy, " with placement migration" if cfg.placement_migration else "",
+                 sorted(cfg.models), ", token required" if cfg.token else "")
         web.run_app(router.app(), host=cfg.listen_host, port=cfg.listen_port, print=None)
     finally:
         for s in servers:

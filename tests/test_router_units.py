@@ -132,11 +132,93 @@ def test_merge_forwards_each_position_once_and_checks_overlap():
     assert s._merge(bad, Chunk([5, 99], "ax", "", 3, 2, False)) is None and 3 not in s.upstreams
 
 
+class _Running:
+    """What placement sees of a running request: the instance it runs on and its tokens."""
+
+    def __init__(self, inst, tokens, prompt_tokens=8):
+        self.inst, self.tokens, self.num_input_tokens, self.id = inst, list(range(tokens)), prompt_tokens, "r"
+
+    def source_instance(self):
+        return self.inst
+
+    def migratable(self):
+        return bool(self.tokens)
+
+
+def _blocked_best_host(slow_disk_bps: float, busy_min_instances: int = 0):
+    """h0 (1 model) runs a stream of 'busy'; h1 (room for 2) has 'busy' idle; 'new' (1 GB) must start."""
+    hosts = [{**HOSTS[0], "max_models": 1}, {**HOSTS[1], "max_models": 2, "bandwidth": {"disk": slow_disk_bps}}]
+    cfg = RouterConfig.parse({"hosts": hosts, "placement_migration": True, "models": {
+        "new": {"checkpoint": "/new"},
+        "busy": {"checkpoint": "/busy", "max_instances": 2, "min_instances": busy_min_instances}}})
+    m = Manager(cfg, [Host(h) for h in cfg.hosts], LocalityPolicy())
+    m._bytes.update(new=10**9, busy=10**9)
+    for h in m.hosts:
+        h.instances["busy"] = Instance("busy", h, state="ready")
+    m.hosts[0].instances["busy"].inflight = 1
+    m.sessions = {"r": _Running(m.hosts[0].instances["busy"], 100)}
+    spec = m.specs["new"]
+    cands = m.candidates(spec)
+    assert [c.host.name for c in cands] == ["h1"]  # h0 is full of a busy model: not an ordinary candidate
+    return m, spec, m.policy.choose(spec, cands, 0)
+
+
+def test_placement_migration_is_chosen_when_cheaper_than_starting_elsewhere():
+    # h1 reads 'new' at 50 MB/s (25 s): migrating the stream to h1's idle 'busy' (recompute of 108 tokens) and
+    # loading on h0 at the default disk bandwidth (1 GB/s: 6 s) is cheaper
+    m, spec, choice = _blocked_best_host(5e7)
+    plan = m._plan_migration(spec, set(), choice)
+    assert plan.host.name == "h0" and [mv.dest.host.name for mv in plan.moves] == ["h1"]
+    assert plan.moves[0].dest.tier == "gpu" and plan.moves[0].tokens == 108
+    assert plan.migration_s == pytest.approx(m.hosts[1].estimate_recompute_s(108))
+    assert plan.total_s == pytest.approx(plan.migration_s + m.hosts[0].estimate_load_s("disk", 10**9))
+    assert m._decide(spec, plan, choice) is True
+    assert m.placement_log[-1]["decision"] == "migrate" and m.placement_log[-1]["alternative_host"] == "h1"
+
+
+def test_placement_migration_is_declined_when_starting_elsewhere_is_cheaper():
+    # h1's disk is only a little slower than h0's: the 0.2 s of moving the stream does not pay
+    m, spec, choice = _blocked_best_host(0.99e9)
+    plan = m._plan_migration(spec, set(), choice)
+    assert plan is not None and plan.load_s < choice.startup_s < plan.total_s
+    assert m._decide(spec, plan, choice) is False and m.placement_log[-1]["decision"] == "start_elsewhere"
+    # no better locality at all: no plan
+    m, spec, choice = _blocked_best_host(2e9)
+    assert m._plan_migration(spec, set(), choice) is None
+    # a stream that cannot move (no tokens yet), or a move below min_instances, blocks the plan
+    m, spec, choice = _blocked_best_host(5e7)
+    m.sessions["r"].tokens = []
+    assert m._plan_migration(spec, set(), choice) is None
+    m, spec, choice = _blocked_best_host(5e7, busy_min_instances=2)
+    assert m._plan_migration(spec, set(), choice) is None
+
+
+def test_recompute_estimate_learns_from_migrations():
+    h = Host(RouterConfig.parse({"hosts": HOSTS}).hosts[0])
+    for _ in range(8):
+        h.observe_recompute(20000, h.recompute_overhead_s + 2.0)  # 20k tokens in 2 s beyond the fixed cost
+    assert h.estimate_recompute_s(20000) == pytest.approx(h.recompute_overhead_s + 2.0, rel=0.05)
+
+
+def test_host_device_and_bandwidth_config():
+    cfg = RouterConfig.parse({"hosts": [{**HOSTS[0], "device": "gpu:1", "bandwidth": {"disk": 2e9}},
+                                        {**HOSTS[1]}]})
+    assert cfg.hosts[0].instance_group == {"count": 1, "kind": "KIND_GPU", "gpus": [1]}
+    assert cfg.hosts[1].instance_group == {"count": 1, "kind": "KIND_CPU"}
+    assert Host(cfg.hosts[0]).bandwidth["disk"] == 2e9 and not cfg.placement_migration
+    for bad, fragment in (({"device": "tpu"}, "device"), ({"bandwidth": {"ssd": 1}}, "bandwidth")):
+        with pytest.raises(ConfigError) as e:
+            RouterConfig.parse({"hosts": [{**HOSTS[0], **bad}]})
+        assert fragment in str(e.value)
+    with pytest.raises(ConfigError):
+        RouterConfig.parse({"hosts": HOSTS, "placement_migration": "yes"})
+
+
 def test_cli_help_documents_the_flags():
     out = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0
-    for flag in ("--config", "--host", "--port", "--policy", "--token-file"):
+    for flag in ("--config", "--host", "--port", "--policy", "--token-file", "--placement-migration"):
         assert flag in out.stdout
     bad = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--config", "/nonexistent.json"],
                          capture_output=True, text=True, timeout=60)
