@@ -63,6 +63,19 @@ def resolve_checkpoint(value: str, model_dir: str | None = None) -> Path:
     return models_home() / path
 
 
+def engine_pool_socket(params: dict[str, str]) -> str | None:
+    """``engine_pool``: the Unix socket of this host's warm engine pool (``tritonmoe-engine-pool --socket PATH``);
+    unset or empty: the engine runs in the model's own stub. Environment variables and ``~`` are expanded."""
+    value = params.get("engine_pool", "").strip()
+    if not value:
+        return None
+    path = os.path.expanduser(os.path.expandvars(value))
+    if not os.path.isabs(path):
+        raise ConfigError(f"parameter 'engine_pool' must be the absolute path of the engine pool's socket "
+                          f"(tritonmoe-engine-pool --socket PATH), got {value!r}")
+    return path
+
+
 def offload_config(params: dict[str, str]):
     """Expert offloading is on when ``expert_cache_budget`` is set; its other keys alone are a mistake."""
     from tritonmoe.backend.offload.config import PARAMETER_KEYS, OffloadConfig
@@ -90,13 +103,14 @@ class EngineConfig:
     experts_implementation: str = "auto"
     offload: object | None = None  # OffloadConfig when experts are offloaded
     loader_url: str | None = None  # load through the loader service there; checkpoint may be a registered name
+    engine_pool: str | None = None  # run the engine in a warm worker of the engine pool at this socket
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], model_dir: str | None = None) -> "EngineConfig":
         from tritonmoe.backend.offload.config import PARAMETER_KEYS
 
         known = {"checkpoint", "dtype", "max_num_seqs", "max_model_len", "default_max_tokens", "report_metrics",
-                 "loader_url", "experts_implementation", *PARAMETER_KEYS.values()}
+                 "loader_url", "experts_implementation", "engine_pool", *PARAMETER_KEYS.values()}
         unknown = sorted(set(params) - known - TRITON_KEYS)
         if unknown:
             raise ConfigError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -122,6 +136,7 @@ class EngineConfig:
                                                 EXPERTS_IMPLEMENTATIONS),
             offload=offload_config(params),
             loader_url=loader_url,
+            engine_pool=engine_pool_socket(params),
         )
 
 

@@ -1,8 +1,18 @@
-"""A served model inside Triton's Python backend: the engine, its sender and metrics threads, request parsing.
+"""A served model inside Triton's Python backend: request reading, the sender thread, cancellation, metrics.
 
-``execute`` only validates requests and hands them to the engine thread; a sender thread streams responses back
-(each ``send`` is a blocking IPC round trip) and notices cancelled requests; a metrics thread updates Prometheus.
-:mod:`tritonmoe.backend.triton_model` (what ``model.py`` re-exports) creates one per model instance.
+This module imports neither torch nor transformers. The engine runs either
+
+- in this process (the default): :class:`_LocalEngine` imports :mod:`tritonmoe.backend.engine_worker` (torch,
+  transformers) and runs an :class:`~tritonmoe.backend.engine_worker.EngineHost` here, as before; or
+- in a warm worker of the engine pool (config parameter ``engine_pool``, :mod:`tritonmoe.backend.engine_pool`):
+  :class:`_RemoteEngine` claims a worker that already imported torch and transformers and created its CUDA
+  context, sends it the model's parameters, and relays requests and outputs. This stub then never imports torch,
+  which is most of a cold model load.
+
+Either way ``execute`` only reads requests and hands them to the engine; a sender thread streams responses back
+(each ``send`` is a blocking IPC round trip) and notices cancelled requests; Prometheus metrics are updated by the
+metrics thread of :class:`~tritonmoe.backend.metrics.TritonMetrics`. :mod:`tritonmoe.backend.triton_model` (what
+``model.py`` re-exports) creates one :class:`ServedModel` per model instance.
 """
 
 from __future__ import annotations
@@ -10,24 +20,29 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
-from .config import EngineConfig, parameters_from_model_config
-from .engine import Engine, Output
+from .config import engine_pool_socket, parameters_from_model_config, parse_bool
 from .metrics import OffloadMetrics, TritonMetrics
-from .weights import load_for_serving
-from .protocol import ParsedRequest, parse_request
-from .sampling import RequestError
 
 CANCEL_CHECK_SECONDS = 0.1  # is_cancelled() is an IPC call: poll each request at most this often
-OFFLOAD_METRICS_SECONDS = 1.0  # how often the expert cache's counters are exported
+INPUT_NAMES = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output", "resume_state")
+
+
+class BadRequest(ValueError):
+    """The request is malformed (sent back as INVALID_ARG)."""
+
+
+class Unavailable(RuntimeError):
+    """The engine cannot take requests: shutting down, or its worker is gone (sent back as UNAVAILABLE)."""
 
 
 class _TritonLogHandler(logging.Handler):
@@ -49,10 +64,15 @@ class _Stream:
     """What the sender thread keeps per request (never the request object: Triton frees it after execute)."""
 
     sender: object
-    parsed: ParsedRequest
+    stream: bool = False  # these three are filled in once the engine side has parsed the request
+    prepend_prompt: bool = False
+    prompt: str = ""
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # not yet sent (streaming) or all (non-streaming)
     next_cancel_check: float = 0.0
+
+    def started(self, info: tuple) -> None:
+        self.stream, self.prepend_prompt, self.prompt = info
 
 
 def _input(request, name: str):
@@ -61,11 +81,12 @@ def _input(request, name: str):
         return None
     values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
-        raise RequestError(f"input '{name}' must hold exactly one element, got {values.size}")
-    return values[0]
+        raise BadRequest(f"input '{name}' must hold exactly one element, got {values.size}")
+    value = values[0]
+    return value.item() if isinstance(value, np.generic) else value  # plain Python: it may cross a socket
 
 
-def _response(text: str, out: Output, token_ids: list[int]) -> "pb_utils.InferenceResponse":
+def _response(text: str, out, token_ids: list[int]) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
@@ -80,6 +101,14 @@ def _error(message: str, code=None) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+def device_spec(args: dict) -> str:
+    """The instance's device without torch: ``cuda:N`` (KIND_GPU), ``auto`` (KIND_MODEL: GPU 0 if any) or ``cpu``."""
+    kind = args.get("model_instance_kind", "CPU")
+    if kind == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', 0))}"
+    return "auto" if kind == "MODEL" else "cpu"
+
+
 class ServedModel:
     def initialize(self, args: dict) -> None:
         handler = _TritonLogHandler()
@@ -92,44 +121,28 @@ class ServedModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("tritonmoe models must be decoupled (model_transaction_policy)")
         self.name, self.version = args["model_name"], args["model_version"]
-        self.cfg = EngineConfig.from_parameters(parameters_from_model_config(model_config), args["model_repository"])
-        self.device = self._device(args)
-
-        loaded = load_for_serving(self.cfg, self.device)
-        model, self.tokenizer, self.offloader = loaded.model, loaded.tokenizer, loaded.offloader
-
-        self.metrics = self._metrics() if self.cfg.report_metrics else None
-        self.offload_metrics, self._next_offload_publish = None, 0.0
+        params = parameters_from_model_config(model_config)
+        pool = engine_pool_socket(params)
+        report_metrics = parse_bool("report_metrics", params.get("report_metrics", "true"))
+        self.metrics = self._metrics() if report_metrics else None
+        self.offload_metrics = None
+        try:
+            if pool:
+                self.engine = _RemoteEngine(self, args, params, pool)
+            else:
+                self.engine = _LocalEngine(self, args, params)
+        except BaseException:
+            if self.metrics:
+                self.metrics.close()
+            raise
         if self.metrics:
-            self.metrics.startup(loaded.phases)
-            if self.offloader is not None:
-                self.offload_metrics = OffloadMetrics(self.metrics, self.offloader.store.num_layers)
-        self.engine = Engine(model, self.tokenizer, max_num_seqs=self.cfg.max_num_seqs,
-                             max_model_len=self.cfg.max_model_len, offloader=self.offloader, on_step=self._on_step)
-        self.max_model_len = self.engine.max_model_len
+            self.metrics.startup(self.engine.phases)
+            if self.engine.offload_layers:
+                self.offload_metrics = OffloadMetrics(self.metrics, self.engine.offload_layers)
         self._outbox: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="tritonmoe-sender", daemon=True)
         self._sender.start()
-        self.engine.start()
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in loaded.phases.items())
-        offload = "" if self.offloader is None else (
-            f", experts offloaded (cache {self.offloader.num_slots} slots = {self.cfg.offload.cache_budget}, "
-            f"eviction {self.cfg.offload.eviction}, prefetch {self.cfg.offload.prefetch})")
-        log.info(f"model '{self.name}' ready on {self.device} ({next(model.parameters()).dtype}; torch "
-                 f"{torch.__version__}, numpy {np.__version__} from {np.__file__}): "
-                 f"{loaded.layout} checkpoint {self.cfg.checkpoint} ({phases}), "
-                 f"max_num_seqs={self.cfg.max_num_seqs}, max_model_len={self.max_model_len}{offload}")
-
-    @staticmethod
-    def _device(args: dict) -> torch.device:
-        kind = args.get("model_instance_kind", "CPU")
-        if kind == "GPU":
-            device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
-            torch.cuda.set_device(device)  # Triton does not restrict visibility; pick ours explicitly
-            return device
-        if kind == "MODEL" and torch.cuda.is_available():
-            return torch.device("cuda", 0)
-        return torch.device("cpu")
+        log.info(f"model '{self.name}' ready {self.engine.summary} (numpy {np.__version__} from {np.__file__})")
 
     def _metrics(self) -> TritonMetrics | None:
         try:
@@ -143,25 +156,22 @@ class ServedModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                parsed = parse_request(
-                    text_input=_input(request, "text_input"), stream=_input(request, "stream"),
-                    sampling_parameters=_input(request, "sampling_parameters"),
-                    exclude_input_in_output=_input(request, "exclude_input_in_output"),
-                    request_parameters=request.parameters(), tokenizer=self.tokenizer,
-                    max_model_len=self.max_model_len, default_max_tokens=self.cfg.default_max_tokens,
-                    resume_state=_input(request, "resume_state"))
-                stream = _Stream(sender, parsed)
-                self.engine.submit(parsed.prompt_ids, parsed.params, lambda out, s=stream: self._outbox.put((s, out)),
-                                   seq_id=f"{request.request_id() or 'req'}-{id(stream):x}",
-                                   resume_ids=list(parsed.resume_ids), text_chars_sent=parsed.text_chars_sent)
-            except RequestError as e:
+                inputs = {name: _input(request, name) for name in INPUT_NAMES}
+                inputs["parameters"] = request.parameters()
+                stream = _Stream(sender)
+                self.engine.submit(f"{request.request_id() or 'req'}-{id(stream):x}", inputs, stream)
+            except BadRequest as e:
                 sender.send(_error(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 if self.metrics:
                     self.metrics.request_finished("invalid")
-            except RuntimeError as e:  # engine shutting down
+            except Unavailable as e:  # engine shutting down, or its worker is gone
                 sender.send(_error(str(e), pb_utils.TritonError.UNAVAILABLE),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
+
+    def deliver(self, stream: _Stream, out) -> None:
+        """An engine output for ``stream`` (any thread): the sender thread sends it."""
+        self._outbox.put((stream, out))
 
     def _send_loop(self) -> None:
         while (item := self._outbox.get()) is not None:
@@ -175,13 +185,16 @@ class ServedModel:
             if self.metrics:
                 self._record(out)
 
-    def _send(self, stream: _Stream, out: Output) -> None:
+    def _send(self, stream: _Stream, out) -> None:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if out.error:
-            stream.sender.send(_error(out.error, pb_utils.TritonError.INTERNAL), flags=final)
+            code = {"invalid": pb_utils.TritonError.INVALID_ARG,
+                    "unavailable": pb_utils.TritonError.UNAVAILABLE}.get(out.finish_reason,
+                                                                         pb_utils.TritonError.INTERNAL)
+            stream.sender.send(_error(out.error, code), flags=final)
         elif out.finish_reason == "cancelled":
             stream.sender.send(_error("request cancelled", pb_utils.TritonError.CANCELLED), flags=final)
-        elif stream.parsed.stream:
+        elif stream.stream:
             stream.token_ids.extend(out.token_ids)
             if out.text or out.finished:
                 # token ids ride along with the next text: a response never reports text its ids do not explain
@@ -191,7 +204,7 @@ class ServedModel:
             stream.text.append(out.text)
             stream.token_ids.extend(out.token_ids)
             if out.finished:
-                text = "".join(([stream.parsed.prompt] if stream.parsed.prepend_prompt else []) + stream.text)
+                text = "".join(([stream.prompt] if stream.prepend_prompt else []) + stream.text)
                 stream.sender.send(_response(text, out, stream.token_ids), flags=final)
         now = time.monotonic()
         if not out.finished and now >= stream.next_cancel_check:
@@ -200,7 +213,7 @@ class ServedModel:
                 log.info(f"request {out.seq_id} cancelled by the client")
                 self.engine.cancel(out.seq_id)
 
-    def _record(self, out: Output) -> None:
+    def _record(self, out) -> None:
         m = self.metrics
         if out.ttft is not None:
             m.update(m.ttft.observe, out.ttft)
@@ -212,22 +225,181 @@ class ServedModel:
         if out.finished:
             m.request_finished(out.finish_reason or "error")
 
-    def _on_step(self, running: int, seconds: float) -> None:
+    def on_step(self, running: int, seconds: float, offload_stats: dict | None) -> None:
+        """After an engine step (the engine thread, or the remote engine's reader thread)."""
         if self.metrics:
             self.metrics.update(self.metrics.batch.set, running)
             self.metrics.update(self.metrics.step_seconds.observe, seconds)
-        # on the engine thread, between forwards: the only place the offloader's counters are consistent
-        if self.offload_metrics and (running == 0 or time.monotonic() >= self._next_offload_publish):
-            self._next_offload_publish = time.monotonic() + OFFLOAD_METRICS_SECONDS
-            self.offload_metrics.publish(self.offloader.stats())
+        if offload_stats is not None and self.offload_metrics:
+            self.offload_metrics.publish(offload_stats)
 
     def finalize(self) -> None:
-        self.engine.shutdown()
-        if self.offloader is not None:
-            self.offloader.close()  # waits for copies in flight; saves the EAMC when eamc_path is set
+        self.engine.close()  # open requests end with an error, delivered before this returns
         self._outbox.put(None)
         self._sender.join(30)
         if self.metrics:
             self.metrics.close()
         self.engine = None
         gc.collect()
+
+
+class _LocalEngine:
+    """The engine in this process (imports torch and transformers here)."""
+
+    def __init__(self, served: ServedModel, args: dict, params: dict[str, str]):
+        from .config import EngineConfig
+        from .engine_worker import EngineHost, resolve_device
+        from .sampling import RequestError
+
+        self._request_error = RequestError
+        self.served = served
+        cfg = EngineConfig.from_parameters(params, args["model_repository"])
+        self.host = EngineHost(cfg, resolve_device(device_spec(args)),
+                               on_step=served.on_step if served.metrics else None)
+        info = self.host.info()
+        self.phases, self.offload_layers, self.summary = info["phases"], info["offload_layers"], info["summary"]
+
+    def submit(self, seq_id: str, inputs: dict, stream: _Stream) -> None:
+        deliver = self.served.deliver
+
+        def start(info: tuple):
+            stream.started(info)
+            return lambda out: deliver(stream, out)
+
+        try:
+            self.host.submit(seq_id, inputs, start)
+        except self._request_error as e:
+            raise BadRequest(str(e)) from None
+        except RuntimeError as e:  # engine shutting down
+            raise Unavailable(str(e)) from None
+
+    def cancel(self, seq_id: str) -> None:
+        self.host.cancel(seq_id)
+
+    def close(self) -> None:
+        self.host.close()
+
+
+class _RemoteEngine:
+    """The engine in a warm worker of the engine pool, over a Unix socket (see engine_worker's docstring)."""
+
+    def __init__(self, served: ServedModel, args: dict, params: dict[str, str], pool: str):
+        from .engine_pool import PoolError, claim_worker, from_wire
+
+        self.served, self._from_wire = served, from_wire
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._dead: str | None = None
+        self._closing = False
+        device = device_spec(args)
+        t = time.perf_counter()
+        try:
+            self.conn, worker = claim_worker(pool, device, served.name)
+        except PoolError as e:
+            raise pb_utils.TritonModelException(f"model '{served.name}': {e}") from None
+        claim_s = time.perf_counter() - t
+        self.pid = worker["pid"]
+        t = time.perf_counter()
+        request = {"params": params, "model_repository": args["model_repository"], "model_name": served.name,
+                   "model_version": served.version, "device": device, "env": dict(os.environ)}
+        info = None
+        try:
+            self.conn.send(("load", request))
+            while info is None:
+                for msg in self.conn.recv():
+                    if msg[0] == "log":
+                        log.log(msg[1], f"{msg[2]} (engine worker {self.pid})")
+                    elif msg[0] == "error":
+                        raise pb_utils.TritonModelException(msg[1])
+                    elif msg[0] == "ready":
+                        info = msg[1]
+        except (EOFError, OSError) as e:
+            self.conn.close()
+            raise pb_utils.TritonModelException(
+                f"model '{served.name}': the engine worker (pid {self.pid}) closed the connection while loading "
+                f"the model ({type(e).__name__}); the engine pool's log says why") from None
+        except BaseException:
+            self.conn.close()
+            raise
+        self.phases = {"pool_claim": claim_s, **info["phases"], "worker_load": time.perf_counter() - t}
+        self.offload_layers = info["offload_layers"]
+        torch_here = "torch" in sys.modules
+        self.summary = (f"{info['summary']} in engine worker pid {self.pid} of the pool {pool} (claimed in "
+                        f"{claim_s:.3f}s; this stub imported torch: {'yes' if torch_here else 'no'})")
+        self._reader = threading.Thread(target=self._read, name="tritonmoe-remote-reader", daemon=True)
+        self._reader.start()
+
+    def submit(self, seq_id: str, inputs: dict, stream: _Stream) -> None:
+        with self._lock:
+            if self._dead:
+                raise Unavailable(self._dead)
+            self._streams[seq_id] = stream
+            try:
+                self.conn.send(("submit", seq_id, inputs))
+            except OSError as e:
+                self._streams.pop(seq_id, None)
+                raise Unavailable(self._gone_message(e)) from None
+
+    def cancel(self, seq_id: str) -> None:
+        with self._lock:
+            if self._dead:
+                return
+            try:
+                self.conn.send(("cancel", seq_id))
+            except OSError:
+                pass  # the reader notices the worker is gone and ends every open request
+
+    def _gone_message(self, e: BaseException) -> str:
+        return (f"model '{self.served.name}' lost its engine worker (pid {self.pid}: {type(e).__name__}, the "
+                "process exited or was killed); unload and load the model again")
+
+    def _read(self) -> None:
+        deliver, served = self.served.deliver, self.served
+        try:
+            while True:
+                for msg in self.conn.recv():
+                    op = msg[0]
+                    if op == "out":
+                        out = self._from_wire(msg[1])
+                        with self._lock:
+                            stream = (self._streams.pop(out.seq_id, None) if out.finished
+                                      else self._streams.get(out.seq_id))
+                        if stream is not None:
+                            deliver(stream, out)
+                    elif op == "start":
+                        with self._lock:
+                            stream = self._streams.get(msg[1])
+                        if stream is not None:
+                            stream.started(msg[2])
+                    elif op == "step":
+                        served.on_step(msg[1], msg[2], msg[3])
+                    elif op == "log":
+                        log.log(msg[1], f"{msg[2]} (engine worker {self.pid})")
+                    elif op == "closed":
+                        self._end("the model is being unloaded", quiet=True)
+                        return
+        except (EOFError, OSError) as e:
+            self._end(self._gone_message(e), quiet=self._closing)
+
+    def _end(self, message: str, quiet: bool) -> None:
+        """No more outputs will come: every open request ends with ``message`` (UNAVAILABLE), later ones too."""
+        with self._lock:
+            self._dead = self._dead or message
+            streams, self._streams = self._streams, {}
+        if not quiet:
+            log.error(f"{message}; {len(streams)} open request(s) end with this error")
+        for seq_id, stream in streams.items():
+            self.served.deliver(stream, self._from_wire((seq_id, "", 0, 0, True, "unavailable", message,
+                                                         None, None, ())))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            dead = self._dead
+            if not dead:
+                try:
+                    self.conn.send(("close",))
+                except OSError:
+                    pass
+        self._reader.join(60)  # the worker ends open requests, says "closed" and exits
+        self.conn.close()

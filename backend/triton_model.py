@@ -3,7 +3,9 @@
 Deliberately light: Triton runs ``auto_complete_config`` in a stub process of its own before it starts each
 instance's stub, so this module imports neither torch nor transformers; the served model
 (:mod:`tritonmoe.backend.serving`) is imported in ``initialize``. That spares every model load one import of
-torch and transformers (seconds of its cold start).
+torch and transformers (seconds of its cold start). ``serving`` itself is torch-free too: with the config parameter
+``engine_pool`` the engine runs in a warm engine-pool worker and the instance's stub never imports torch at all;
+without it ``serving`` imports the engine (torch, transformers) in ``initialize``, as before.
 """
 
 from __future__ import annotations
