@@ -96,3 +96,26 @@ def test_main_job_with_the_loader_serves_the_same_tokens(tmp_path):
 
     assert completion(r.stdout) == completion(plain.stdout)
     assert not list(Path("/dev/shm").glob(f"tritonmoe-main-loader-{os.getuid()}/*"))
+
+
+def test_main_job_with_the_pool_and_the_loader_serves_the_same_tokens(tmp_path):
+    """--pool (with --loader: the fast-start path): a warm engine pool starts beside the server, the model's engine
+    runs in one of its workers and the stub never imports torch; same greedy text as in-process; the pool and its
+    socket are gone afterwards."""
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-tokens", "10",
+              "--arch", "qwen2_moe"]
+    plain = _serve(*common)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    r = _serve(*common, "--pool", "--loader", "--log", str(tmp_path / "server.log"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "engine pool up at " in r.stdout and "loader service up at http://127.0.0.1:" in r.stdout
+    log = (tmp_path / "server.log").read_text()
+    assert "this stub imported torch: no" in log and "through the loader" in log
+
+    def completion(out: str) -> str:
+        return out.split("prompt:", 1)[1].split("finish reason:", 1)[0]
+
+    assert completion(r.stdout) == completion(plain.stdout)
+    socket_path = r.stdout.split("engine pool up at ", 1)[1].split(" ", 1)[0]
+    assert not Path(socket_path).exists() and not Path(socket_path).parent.exists()

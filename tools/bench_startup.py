@@ -2,16 +2,22 @@
 
 One random-weight MoE checkpoint of about ``--gb`` GB is built (HF format), converted once to tritonmoe's
 loading-optimised format, and put in a loader service's DRAM cache. One ``tritonserver`` then loads the same model
-three ways, one after the other, each followed by a one-token request and an unload:
+up to four ways, each load followed by a one-token request and an unload:
 
 - ``hf``: the plain path, transformers ``from_pretrained`` on the HF folder (the foundation's path);
 - ``converted``: the converted folder read by tritonmoe's parallel reader (no loader service);
-- ``loader``: ``loader_url`` set: weights copied from the loader's shared-memory DRAM cache.
+- ``loader``: ``loader_url`` set: weights copied from the loader's shared-memory DRAM cache;
+- ``pool``: ``loader_url`` and ``engine_pool`` set: the same weights moved into an already-running worker of a warm
+  engine pool (torch, transformers, CUDA context and kernels loaded before the load; the stub imports no torch).
+  Before each pool load the bench waits until the pool's replacement worker is warm (``pool_wait``, not counted):
+  a load is measured against a pool in its steady state.
 
-It prints the command, machine and date, a table of load / first-token / total seconds with the backend's own
-start-up phases (``tritonmoe_startup_seconds``), and ratios against ``hf``; ``--out`` writes JSON.
+``--repeat N`` runs N rounds, each loading every path once in turn (interleaved, so drift hits all paths alike),
+after one unrecorded warm-up load (so the first recorded stub does not pay for a cold page cache). It prints the
+command, machine and date, a line per load, and a table of the median load (by load -> first token) per path with
+the backend's own start-up phases (``tritonmoe_startup_seconds``) and ratios against ``hf``; ``--out`` writes JSON.
 
-    python -m tritonmoe.tools.bench_startup --device gpu --gb 16 --out bench_startup.json
+    python -m tritonmoe.tools.bench_startup --device gpu --gb 16 --paths hf,loader,pool --repeat 2 --out b.json
 """
 
 from __future__ import annotations
@@ -34,12 +40,12 @@ from pathlib import Path
 from . import tiny_models
 from .client import generate, load_model, unload_model
 from .model_config import read_config, with_overrides
-from .serve import spawn_loader
+from .serve import spawn_loader, spawn_pool, stop_pool
 from .tritonserver import TritonServer, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "startup_moe"
-PATHS = ("hf", "converted", "loader")
+PATHS = ("hf", "converted", "loader", "pool")
 
 
 def parse_args(argv):
@@ -47,7 +53,9 @@ def parse_args(argv):
     p.add_argument("--gb", type=float, default=0.05, help="approximate checkpoint size in GB (bf16)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
-    p.add_argument("--repeat", type=int, default=1, help="loads per path (the table shows the fastest)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds; each loads every path once (the table shows each path's median load)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up load before the rounds")
     p.add_argument("--workdir", type=Path, help="where the checkpoints, loader state and logs go (default: temp)")
     p.add_argument("--out", type=Path, help="JSON result file")
     a = p.parse_args(argv)
@@ -96,6 +104,18 @@ def wait_unloaded(server: TritonServer, timeout: float = 120) -> None:
     raise TimeoutError(f"{MODEL} did not unload within {timeout}s")
 
 
+def wait_pool_warm(socket_path: str, timeout: float = 300) -> float:
+    """Seconds until the pool has a warm worker again (its replacement after the previous claim)."""
+    from tritonmoe.backend.engine_pool import pool_status
+
+    t0 = time.perf_counter()
+    while sum(pool_status(socket_path)["warm"].values()) < 1:
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"the engine pool at {socket_path} has no warm worker after {timeout}s")
+        time.sleep(0.1)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
@@ -120,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     converted = convert(hf, work / "converted", progress=False).dest
     say(f"converted:  {converted} ({time.perf_counter() - t:.1f}s)")
 
-    loader = shm = None
+    loader = shm = pool = None
     result = {"command": sys.argv, "gb": nbytes / 1e9, "spec": spec.__dict__, "device": a.device, "gpu": gpu,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {}}
     server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log")
     try:
-        if "loader" in a.paths:
+        if {"loader", "pool"} & set(a.paths):
             from tritonmoe.loader.client import LoaderClient
 
             shm = Path("/dev/shm") / f"tritonmoe-bench-startup-{os.getpid()}"
@@ -137,50 +157,80 @@ def main(argv: list[str] | None = None) -> int:
             result["dram_fill_s"] = time.perf_counter() - t
             say(f"loader:     {url}, DRAM cache filled in {result['dram_fill_s']:.1f}s "
                 f"({nbytes / 1e9 / result['dram_fill_s']:.2f} GB/s)")
+        if "pool" in a.paths:
+            from tritonmoe.backend.engine_pool import pool_status
+
+            t = time.perf_counter()
+            pool = spawn_pool("0" if a.device == "gpu" else "cpu", work / "engine-pool.log")
+            warm = [w["warm"] for w in pool_status(pool.socket)["workers"] if w["state"] == "warm"]
+            result["pool_warm"] = warm
+            say(f"pool:       {pool.socket}, first worker warm in {time.perf_counter() - t:.1f}s ("
+                + ", ".join(f"{k} {v:.2f}s" for k, v in (warm[0]["phases"] if warm else {}).items())
+                + f"; log {pool.log_path})")
         server.start(timeout=120)
         base = read_config(REPO_ROOT / "model_repository" / "tiny_moe")
         shim = (REPO_ROOT / "model_repository" / "tiny_moe" / "1" / "model.py").read_bytes()
         kind = "KIND_GPU" if a.device == "gpu" else "KIND_CPU"
-        for path in a.paths:
+
+        def load_once(path: str) -> dict:
             params = {"checkpoint": str(hf if path == "hf" else converted), "dtype": "bfloat16"}
-            if path == "loader":
+            if path in ("loader", "pool"):
                 params.update(checkpoint=MODEL, loader_url=url)
+            pool_wait = 0.0
+            if path == "pool":
+                params["engine_pool"] = pool.socket
+                pool_wait = wait_pool_warm(pool.socket)
             config = with_overrides(base, parameters=params, kind=kind, gpus=[0] if kind == "KIND_GPU" else None)
             config["name"] = MODEL
-            runs = []
-            for _ in range(a.repeat):
-                if a.device == "gpu":
-                    subprocess.run(["sync"], check=False)
-                t0 = time.perf_counter()
-                load_model(server.http_url, MODEL, config, files={"1/model.py": shim})
-                t1 = time.perf_counter()
-                generate(server.http_url, MODEL, "def main():", max_tokens=1)
-                t2 = time.perf_counter()
-                runs.append({"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0,
-                             "phases": startup_phases(server)})
-                unload_model(server.http_url, MODEL)
-                wait_unloaded(server)
-            best = min(runs, key=lambda r: r["total_s"])
-            result["paths"][path] = {"best": best, "runs": runs}
-            say(f"  {path:9s} load {best['load_s']:7.2f}s  first token {best['first_token_s']:6.3f}s  "
-                f"total {best['total_s']:7.2f}s  ({nbytes / 1e9 / best['total_s']:.2f} GB/s)  phases "
-                + ", ".join(f"{k} {v:.2f}s" for k, v in best["phases"].items()))
+            if a.device == "gpu":
+                subprocess.run(["sync"], check=False)
+            t0 = time.perf_counter()
+            load_model(server.http_url, MODEL, config, files={"1/model.py": shim})
+            t1 = time.perf_counter()
+            generate(server.http_url, MODEL, "def main():", max_tokens=1)
+            t2 = time.perf_counter()
+            run = {"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0, "phases": startup_phases(server)}
+            if path == "pool":
+                run["pool_wait_s"] = pool_wait
+            unload_model(server.http_url, MODEL)
+            wait_unloaded(server)
+            return run
+
+        plan = ([] if a.no_warmup else [a.paths[0]]) + [path for _ in range(a.repeat) for path in a.paths]
+        runs = {path: [] for path in a.paths}
+        for i, path in enumerate(plan):
+            run = load_once(path)
+            warmup = i == 0 and not a.no_warmup
+            if warmup:
+                result["warmup"] = {"path": path, **run}
+            else:
+                runs[path].append(run)
+            say(f"  {'warm-up' if warmup else 'round ' + str((i - (not a.no_warmup)) // len(a.paths) + 1):8s} "
+                f"{path:9s} load {run['load_s']:7.2f}s  first token {run['first_token_s']:6.3f}s  "
+                f"total {run['total_s']:7.2f}s  phases " + ", ".join(f"{k} {v:.2f}s" for k, v in run["phases"].items()))
+        for path, rs in runs.items():
+            ordered = sorted(rs, key=lambda r: r["total_s"])
+            result["paths"][path] = {"median": ordered[(len(ordered) - 1) // 2], "best": ordered[0], "runs": rs}
     finally:
         server.stop()
+        if pool is not None:
+            stop_pool(pool)
         if loader is not None:
             loader.terminate()
             loader.wait(30)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)
     say("")
-    say("| path | Triton load (s) | first token (s) | load → first token (s) | GB/s | vs hf |")
-    say("|---|---:|---:|---:|---:|---:|")
-    hf_total = result["paths"].get("hf", {}).get("best", {}).get("total_s")
+    say(f"median of {a.repeat} load(s) per path" + ("" if a.no_warmup else f", after a warm-up load ({a.paths[0]})"))
+    say("| path | Triton load (s) | first token (s) | load → first token (s) | best (s) | GB/s | vs hf | phases (s) |")
+    say("|---|---:|---:|---:|---:|---:|---:|---|")
+    hf_total = result["paths"].get("hf", {}).get("median", {}).get("total_s")
     for path, r in result["paths"].items():
-        b = r["best"]
-        ratio = f"{hf_total / b['total_s']:.2f}x" if hf_total else "-"
-        say(f"| {path} | {b['load_s']:.2f} | {b['first_token_s']:.3f} | {b['total_s']:.2f} | "
-            f"{nbytes / 1e9 / b['total_s']:.2f} | {ratio} |")
+        m = r["median"]
+        ratio = f"{hf_total / m['total_s']:.2f}x" if hf_total else "-"
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in m["phases"].items())
+        say(f"| {path} | {m['load_s']:.2f} | {m['first_token_s']:.3f} | {m['total_s']:.2f} | "
+            f"{r['best']['total_s']:.2f} | {nbytes / 1e9 / m['total_s']:.2f} | {ratio} | {phases} |")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1, default=str))
         say(f"results: {a.out}")

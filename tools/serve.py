@@ -4,7 +4,9 @@ With no arguments it builds the default tiny MoE (random weights, local tokenize
 ``tritonserver`` over the bundled model repository on loopback, loads the model through the repository API,
 streams a completion for a sample prompt and prints it with timings. ``--serve`` keeps serving until Ctrl-C.
 ``--loader`` also starts a per-host loader service and loads the model's weights through its DRAM cache, from the
-checkpoint converted once into the loading-optimised format.
+checkpoint converted once into the loading-optimised format. ``--pool`` also starts a warm engine pool
+(``tritonmoe-engine-pool``) beside the server and runs the model's engine in one of its pre-started workers
+(config parameter ``engine_pool``); with ``--loader`` too, that is the fast-start path.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def parse_args(argv):
                    help="start a loader service and load the weights through its DRAM cache (the checkpoint is "
                         "converted once under $TRITONMOE_HOME/converted)")
     p.add_argument("--loader-dram-budget", default="8GiB", help="DRAM cache of that loader (default 8GiB)")
+    p.add_argument("--pool", action="store_true",
+                   help="start a warm engine pool beside the server and run the engine in one of its workers "
+                        "(the model's stub then never imports torch)")
+    p.add_argument("--pool-per-device", type=int, default=1, help="warm workers the pool keeps (default 1)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config.pbtxt parameter, repeatable (e.g. --param expert_cache_budget=25%%)")
     a = p.parse_args(argv)
@@ -88,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                           metrics_port=a.metrics_port, log_path=a.log)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    loader = None
+    loader = pool = None
     try:
+        if a.pool:
+            t = time.perf_counter()
+            pool = spawn_pool("cpu" if a.device == "cpu" else "0", tritonmoe_home() / "engine-pool.log",
+                              per_device=a.pool_per_device)
+            say(f"engine pool up at {pool.socket} ({a.pool_per_device} warm worker(s) on "
+                f"{'cpu' if a.device == 'cpu' else 'GPU 0'} in {time.perf_counter() - t:.1f}s; log "
+                f"{pool.log_path})")
+            overrides["engine_pool"] = pool.socket
+            config = with_overrides(config, parameters=overrides)
         if a.loader:
             loader, url, converted = start_loader(Path(overrides["checkpoint"]), a.loader_dram_budget, say)
             overrides.update(checkpoint=str(converted), loader_url=url)
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             loader.terminate()
             loader.wait(30)
             shutil.rmtree(loader.shm_dir, ignore_errors=True)  # this job's DRAM cache: host memory, not disk
+        if pool is not None:
+            stop_pool(pool)
 
 
 def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
@@ -175,6 +192,45 @@ def spawn_loader(root: Path, shm_dir: Path, dram_budget: str, timeout: float = 6
                 proc.kill()
                 raise TritonError(f"the loader service did not start (log: {root / 'service.log'})") from None
             time.sleep(0.2)
+
+
+def spawn_pool(devices: str, log_path: Path, per_device: int = 1, timeout: float = 600) -> subprocess.Popen:
+    """An engine pool process (``--devices devices``) on a fresh socket, once its workers are warm. The process has
+    ``.socket`` and ``.log_path``; :func:`stop_pool` ends it and removes its folder."""
+    import tempfile
+
+    from tritonmoe.backend.engine_pool import PoolError, parse_devices, pool_status
+
+    folder = Path(tempfile.mkdtemp(prefix="tritonmoe-pool-"))
+    socket_path = folder / "pool.sock"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", str(socket_path),
+                                 "--devices", devices, "--per-device", str(per_device)],
+                                stdout=subprocess.DEVNULL, stderr=log_file)
+    proc.socket, proc.log_path, proc.folder = str(socket_path), log_path, folder
+    want, deadline = per_device * len(parse_devices(devices)), time.monotonic() + timeout
+    while True:
+        try:
+            if sum(pool_status(proc.socket)["warm"].values()) >= want:
+                return proc
+        except PoolError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_pool(proc)
+            raise TritonError(f"the engine pool did not get warm (log: {log_path})")
+        time.sleep(0.2)
+
+
+def stop_pool(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(proc.folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
