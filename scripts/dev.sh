@@ -26,6 +26,11 @@ install() {
     "${pip[@]}" install -e ".[test]"
     touch "$stamp"
   fi
+  # genai-perf in a folder of its own: it pins packages (pandas, optuna, plotly ...) serving does not need.
+  # tools/genai_perf.py runs it from there.
+  if [ ! -d "$VENV/genai-perf/genai_perf" ]; then
+    "${pip[@]}" install --target "$VENV/genai-perf" "genai-perf==0.0.16" "numpy<2"
+  fi
 }
 
 job=${1:-serve}

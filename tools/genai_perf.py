@@ -1,0 +1,79 @@
+"""Run NVIDIA's ``genai-perf`` (the LLM benchmark that drives ``perf_analyzer``) against a tritonmoe model.
+
+genai-perf brings packages of its own (pandas, optuna, plotly, statsmodels, ...) that the serving environment does
+not need, so ``scripts/dev.sh install`` puts it in a folder of its own (``.venv/genai-perf``, or
+``$TRITONMOE_GENAI_PERF``) and this module runs it from there, with ``tritonclient``'s ``perf_analyzer`` on
+``PATH`` and the libraries that binary links found (see :mod:`tritonmoe.tools.perf_analyzer`).
+
+Our Triton models speak the vLLM backend's I/O, so genai-perf's ``--backend vllm --endpoint-type kserve`` works as
+is; the tokenizer is the served checkpoint's folder (no download)::
+
+    python -m tritonmoe.tools.genai_perf profile -m tiny_moe --backend vllm --endpoint-type kserve --streaming \\
+        -u 127.0.0.1:8001 --tokenizer ~/.cache/tritonmoe/models/tiny-mixtral \\
+        --synthetic-input-tokens-mean 128 --output-tokens-mean 64 --concurrency 4 --request-count 50
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import perf_analyzer
+from .tritonserver import TritonError
+
+VERSION = "0.0.16"  # what scripts/dev.sh installs
+
+
+def home() -> Path:
+    return Path(os.environ.get("TRITONMOE_GENAI_PERF") or Path(sys.prefix) / "genai-perf")
+
+
+def env() -> dict:
+    site = home()
+    if not (site / "genai_perf").is_dir():
+        raise TritonError(f"genai-perf is not installed in {site}: run `scripts/dev.sh install` (or pip install "
+                          f"--target {site} genai-perf=={VERSION} 'numpy<2')")
+    e = perf_analyzer.env()
+    e["PATH"] = os.pathsep.join([str(perf_analyzer.binary().parent), e.get("PATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join([str(site), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers come from local folders; never reach for the hub
+    return e
+
+
+def run(args: list[str], cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "import sys; from genai_perf.main import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, env=env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def profile(model: str, grpc_url: str, tokenizer: str | Path, artifacts: str | Path, *, input_tokens: int = 32,
+            output_tokens: int = 16, requests: int = 20, concurrency: int = 2, streaming: bool = True,
+            timeout: float = 600) -> tuple[dict, dict]:
+    """One ``genai-perf profile`` run over gRPC; returns (its summary JSON, perf_analyzer's per-request export)."""
+    artifacts = Path(artifacts)
+    args = ["profile", "-m", model, "--backend", "vllm", "--endpoint-type", "kserve", "-u", grpc_url,
+            "--tokenizer", str(tokenizer), "--synthetic-input-tokens-mean", str(input_tokens),
+            "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(output_tokens),
+            "--request-count", str(requests), "--concurrency", str(concurrency),
+            "--artifact-dir", str(artifacts), *(["--streaming"] if streaming else [])]
+    r = run(args, timeout=timeout)
+    if r.returncode != 0:
+        raise TritonError(f"genai-perf failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    summary = next(artifacts.rglob("profile_export_genai_perf.json"))
+    raw = summary.with_name("profile_export.json")
+    return json.loads(summary.read_text()), json.loads(raw.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return subprocess.call([sys.executable, "-c", "import sys; from genai_perf.main import main; sys.exit(main())",
+                                *(sys.argv[1:] if argv is None else argv)], env=env())
+    except TritonError as e:
+        print(e, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
