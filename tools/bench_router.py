@@ -1,8 +1,17 @@
-"""Benchmark the router's placement policies on a serverless workload over real Triton servers (CPU, tiny models).
+"""Benchmark the router's placement policies on a serverless workload over real Triton servers.
 
     python -m tritonmoe.tools.bench_router [--models 8] [--servers 3] [--requests 60] [--mean-gap 1.5] [--cv 4]
         [--keep-alive 6] [--max-models 2] [--max-tokens 16] [--policies locality,random,round_robin]
+        [--device cpu|gpu] [--model-gb 0] [--loader] [--workdir DIR]
         [--out docs/results/router_bench.json] [--plot docs/figures/router_bench.png]
+
+CPU (default): tiny models of six architectures, one tritonserver per ``--servers``. GPU (``--device gpu``): one
+tritonserver per GPU, models on ``KIND_GPU`` instances of that server's GPU. ``--model-gb G`` builds Mixtral-shaped
+random bf16 checkpoints of about G GB each instead of tiny ones (on the GPU when there is one: seconds per model).
+``--loader`` converts the checkpoints to the loading-optimised format and serves them through one loader service
+for the machine (every server loads through it, as the servers of one host share its DRAM cache); each policy
+run starts with every checkpoint in its DRAM cache (the budget holds them all), so runs differ only in placement.
+The policy ``locality+migration`` is locality with ``placement_migration``.
 
 One trace (Gamma inter-arrivals with the given coefficient of variation, Zipf-skewed model popularity) is replayed
 against each policy with the same servers, every policy starting with nothing loaded. Each server holds at most
@@ -20,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,15 +49,52 @@ from tritonmoe.tools.tritonserver import TritonServer, tritonmoe_home
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 
 
-def build_models(n: int) -> list[Path]:
+def big_spec(gb: float, seed: int) -> tiny_models.TinySpec:
+    """A Mixtral-style bf16 shape of about ``gb`` GB: hidden 2048, 16 experts of FFN 4096 (0.83 GB per layer)."""
+    per_layer = 16 * 3 * 2048 * 4096 * 2 + 4 * 2048 * 2048 * 2
+    return tiny_models.TinySpec(arch="mixtral", layers=max(1, round(gb * 1e9 / per_layer)), hidden=2048, heads=16,
+                                kv_heads=4, experts=16, expert_ffn=4096, dtype="bfloat16", seed=seed,
+                                shard_mb=4096)
+
+
+def build_models(n: int, gb: float = 0.0, device: str = "cpu") -> list[Path]:
     out = []
     for i in range(n):
-        arch = ARCHS[i % len(ARCHS)]
-        dest = tritonmoe_home() / "models" / f"bench-router-{i}-{arch}"
-        if not (dest / "config.json").exists():
-            tiny_models.build(tiny_models.TinySpec(arch=arch, layers=2, seed=i), dest, overwrite=True)
+        if gb > 0:
+            dest = tritonmoe_home() / "models" / f"bench-router-{i}-{gb:g}gb"
+            tiny_models.build(big_spec(gb, i), dest, overwrite=True, device=device)
+        else:
+            arch = ARCHS[i % len(ARCHS)]
+            dest = tritonmoe_home() / "models" / f"bench-router-{i}-{arch}"
+            if not (dest / "config.json").exists():
+                tiny_models.build(tiny_models.TinySpec(arch=arch, layers=2, seed=i), dest, overwrite=True)
         out.append(dest)
     return out
+
+
+def start_loader(checkpoints: list[Path], work: Path, say) -> tuple:
+    """Convert the checkpoints and serve them through one loader service with all of them in its DRAM cache:
+    (process, url, converted paths)."""
+    from tritonmoe.loader.client import LoaderClient
+    from tritonmoe.loader.convert import convert
+    from tritonmoe.router.state import checkpoint_bytes
+    from tritonmoe.tools.serve import spawn_loader
+
+    converted = []
+    for i, c in enumerate(checkpoints):
+        t = time.perf_counter()
+        converted.append(convert(c, work / "converted" / f"m{i}", progress=False).dest)
+        say(f"converted m{i}: {checkpoint_bytes(str(converted[-1])) / 1e9:.2f} GB in {time.perf_counter() - t:.1f}s")
+    budget = int(sum(checkpoint_bytes(str(c)) for c in converted) * 1.1) + (1 << 30)
+    shm = Path("/dev/shm") / f"tritonmoe-bench-router-{os.getpid()}"
+    proc, url = spawn_loader(work / "loader", shm, str(budget))
+    client = LoaderClient(url)
+    t = time.perf_counter()
+    for i, c in enumerate(converted):
+        client.register(f"m{i}", c)
+        client.load(f"m{i}")
+    say(f"loader {url}: {len(converted)} checkpoints in its DRAM cache ({time.perf_counter() - t:.1f}s)")
+    return proc, url, converted
 
 
 def make_trace(n: int, models: int, mean_gap: float, cv: float, seed: int, zipf: float = 1.1):
@@ -82,13 +129,20 @@ def unload_all(servers):
         time.sleep(0.5)
 
 
-def run_policy(policy, servers, checkpoints, trace, args):
+def run_policy(policy, servers, checkpoints, trace, args, loader_url=None, gpus=0):
     hosts = [{"name": f"h{i}", "http": s.http_url, "grpc": s.grpc_url, "metrics": s.metrics_url,
               "max_models": args.max_models} for i, s in enumerate(servers)]
+    for i, h in enumerate(hosts):
+        if loader_url:
+            h["loader"] = loader_url
+        if gpus:
+            h["device"] = f"gpu:{i % gpus}"
     models = {f"m{i}": {"checkpoint": str(c), "keep_alive_s": args.keep_alive, "max_instances": 2,
-                        "target_concurrency": 4} for i, c in enumerate(checkpoints)}
-    cfg = RouterConfig.parse({"hosts": hosts, "models": models, "policy": policy, "listen": {"port": 0},
-                              "poll_interval_s": 0.5, "first_token_timeout_s": 120, "load_timeout_s": 300})
+                        "target_concurrency": 4, "use_loader": bool(loader_url)} for i, c in enumerate(checkpoints)}
+    base_policy, _, variant = policy.partition("+")
+    cfg = RouterConfig.parse({"hosts": hosts, "models": models, "policy": base_policy, "listen": {"port": 0},
+                              "poll_interval_s": 0.5, "first_token_timeout_s": 120, "load_timeout_s": 300,
+                              "placement_migration": variant == "migration"})
     results = [None] * len(trace)
     with RouterThread(cfg, policy_seed=args.seed) as router:
         t_start = time.monotonic()
@@ -117,6 +171,7 @@ def run_policy(policy, servers, checkpoints, trace, args):
         wall = time.monotonic() - t_start
         mgr = router.router.manager
         cold = list(mgr.cold_starts)
+        decisions = list(mgr.placement_log)
         gpu_s = router.call(_loaded_seconds(mgr))
     ok = [r for r in results if r["error"] is None]
     ttft = [r["ttft"] for r in ok]
@@ -124,12 +179,13 @@ def run_policy(policy, servers, checkpoints, trace, args):
     tiers = {}
     for c in cold:
         tiers[c["tier"]] = tiers.get(c["tier"], 0) + 1
-    return {"policy": policy, "requests": len(results), "errors": len(results) - len(ok),
+    errors = sorted({r["error"] for r in results if r["error"]})
+    return {"policy": policy, "requests": len(results), "errors": len(results) - len(ok), "error_kinds": errors[:5],
             "ttft_mean": statistics.fmean(ttft) if ttft else None, "ttft_p50": percentile(ttft, 50),
             "ttft_p99": percentile(ttft, 99), "e2e_mean": statistics.fmean(e2e) if e2e else None,
             "e2e_p99": percentile(e2e, 99), "cold_starts": len(cold), "cold_starts_by_tier": tiers,
             "mean_load_s": statistics.fmean([c["seconds"] for c in cold]) if cold else 0.0,
-            "instance_seconds": gpu_s, "wall_s": wall, "per_request": results}
+            "instance_seconds": gpu_s, "wall_s": wall, "placement_decisions": decisions, "per_request": results}
 
 
 async def _loaded_seconds(mgr):
@@ -207,12 +263,39 @@ def plot(summary, path: Path):
     axes[2].set_xticks(x, names)
     axes[2].set_title("cold starts and instance time")
     axes[2].legend()
-    fig.suptitle(f"router placement, {summary['trace']['requests']} requests over {summary['trace']['models']} "
-                 f"models, {summary['trace']['servers']} Triton servers (CPU, tiny models), Gamma CV "
-                 f"{summary['trace']['cv']}")
+    tr = summary["trace"]
+    what = (f"{tr.get('device', 'cpu').upper()}, " + (f"{tr['model_gb']:g} GB models" if tr.get("model_gb")
+                                                       else "tiny models") + (", loader" if tr.get("loader") else ""))
+    fig.suptitle(f"router placement, {tr['requests']} requests over {tr['models']} models, {tr['servers']} Triton "
+                 f"servers ({what}), Gamma CV {tr['cv']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def write_summary(runs, args, command, machine, date, gaps, final=False) -> dict:
+    """The results so far as JSON (written after every policy, so a run cut short keeps what it measured)."""
+    base = {r["policy"]: r for r in runs}
+    summary = {"command": command, "machine": machine, "date": date,
+               "trace": {"requests": args.requests, "models": args.models, "servers": args.servers,
+                         "cv": args.cv, "mean_gap_s": args.mean_gap, "keep_alive_s": args.keep_alive,
+                         "max_models_per_server": args.max_models, "max_tokens": args.max_tokens,
+                         "device": args.device, "model_gb": args.model_gb, "loader": args.loader,
+                         "measured_cv": float(gaps.std() / gaps.mean())},
+               "runs": runs}
+    if "locality" in base and base["locality"]["ttft_mean"]:
+        loc = base["locality"]
+        summary["ratios"] = {other: {"ttft_mean": base[other]["ttft_mean"] / loc["ttft_mean"],
+                                     "e2e_mean": base[other]["e2e_mean"] / loc["e2e_mean"],
+                                     "ttft_p99": base[other]["ttft_p99"] / loc["ttft_p99"]}
+                             for other in base if other != "locality" and base[other]["ttft_mean"]}
+        for other, ratio in summary["ratios"].items() if final else ():
+            print(f"{other} / locality: mean TTFT x{ratio['ttft_mean']:.1f}, mean E2E x{ratio['e2e_mean']:.1f}, "
+                  f"P99 TTFT x{ratio['ttft_p99']:.1f}")
+    summary["complete"] = final
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def main(argv=None) -> int:
@@ -231,13 +314,36 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=Path("docs/figures/router_bench.png"))
     p.add_argument("--stall-runs", type=int, default=0,
                    help="instead of the workload: measure migration stall over this many stream pairs")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: one server per GPU (--servers defaults to the GPU count), KIND_GPU instances")
+    p.add_argument("--model-gb", type=float, default=0.0,
+                   help="build random Mixtral-shaped bf16 checkpoints of about this size (0: tiny models)")
+    p.add_argument("--loader", action="store_true",
+                   help="serve converted checkpoints through one loader service (all in its DRAM cache)")
+    p.add_argument("--workdir", type=Path, help="converted checkpoints, loader state, server logs (default: temp)")
     args = p.parse_args(argv)
+    gpus = 0
+    if args.device == "gpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if not gpus:
+            p.error("--device gpu: no GPU visible")
+        if "--servers" not in (argv if argv is not None else sys.argv[1:]):
+            args.servers = gpus
 
     command = "python -m tritonmoe.tools.bench_router " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    if gpus:
+        import torch
+
+        machine += f", {gpus} x {torch.cuda.get_device_name(0)}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"command: {command}\nmachine: {machine}\ndate:    {date}", flush=True)
-    checkpoints = build_models(args.models)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    t = time.perf_counter()
+    checkpoints = build_models(args.models, args.model_gb, "cuda" if gpus else "cpu")
+    say(f"checkpoints: {args.models} in {time.perf_counter() - t:.1f}s")
     if args.stall_runs:
         out = measure_stall(args, checkpoints[0])
         out.update(command=command, machine=machine, date=date)
@@ -250,13 +356,17 @@ def main(argv=None) -> int:
     gaps = np.diff([t for t, _ in trace])
     print(f"trace: {len(trace)} requests over {trace[-1][0]:.0f}s, inter-arrival CV {gaps.std() / gaps.mean():.2f}, "
           f"per model {np.bincount([m for _, m in trace], minlength=args.models).tolist()}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="bench-router-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    loader = loader_url = None
+    if args.loader:
+        loader, loader_url, checkpoints = start_loader(checkpoints, tmp, say)
     # sysconfig fills its variables lazily and not thread-safely: a first call racing in several threads can
     # return LIBDIR None, and a server started without libpython on LD_LIBRARY_PATH fails every model load
     sysconfig.get_config_vars()
     servers = []
     for i in range(args.servers):
-        (tmp / f"repo{i}").mkdir()
+        (tmp / f"repo{i}").mkdir(exist_ok=True)
         servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log"))
     runs = []
     try:
@@ -265,33 +375,27 @@ def main(argv=None) -> int:
         for policy in args.policies.split(","):
             unload_all(servers)
             print(f"--- {policy}", flush=True)
-            r = run_policy(policy, servers, checkpoints, trace, args)
+            r = run_policy(policy, servers, checkpoints, trace, args, loader_url, gpus)
             runs.append(r)
-            print(f"{policy:12s} TTFT mean {r['ttft_mean']:.2f}s p99 {r['ttft_p99']:.2f}s | E2E mean "
-                  f"{r['e2e_mean']:.2f}s p99 {r['e2e_p99']:.2f}s | cold starts {r['cold_starts']} "
+            write_summary(runs, args, command, machine, date, gaps)
+            f2 = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+            print(f"{policy:12s} TTFT mean {f2(r['ttft_mean'])}s p99 {f2(r['ttft_p99'])}s | E2E mean "
+                  f"{f2(r['e2e_mean'])}s p99 {f2(r['e2e_p99'])}s | cold starts {r['cold_starts']} "
                   f"{r['cold_starts_by_tier']} (mean load {r['mean_load_s']:.1f}s) | instance-s "
-                  f"{r['instance_seconds']:.0f} | errors {r['errors']}", flush=True)
+                  f"{r['instance_seconds']:.0f} | placement migrations "
+                  f"{sum(d['decision'] == 'migrate' for d in r['placement_decisions'])} | errors {r['errors']} "
+                  f"{r['error_kinds']}", flush=True)
     finally:
         for s in servers:
             s.stop()
-    base = {r["policy"]: r for r in runs}
-    summary = {"command": command, "machine": machine, "date": date,
-               "trace": {"requests": args.requests, "models": args.models, "servers": args.servers,
-                         "cv": args.cv, "mean_gap_s": args.mean_gap, "keep_alive_s": args.keep_alive,
-                         "max_models_per_server": args.max_models, "max_tokens": args.max_tokens,
-                         "measured_cv": float(gaps.std() / gaps.mean())},
-               "runs": runs}
-    if "locality" in base:
-        loc = base["locality"]
-        summary["ratios"] = {other: {"ttft_mean": base[other]["ttft_mean"] / loc["ttft_mean"],
-                                     "e2e_mean": base[other]["e2e_mean"] / loc["e2e_mean"],
-                                     "ttft_p99": base[other]["ttft_p99"] / loc["ttft_p99"]}
-                             for other in base if other != "locality"}
-        for other, ratio in summary["ratios"].items():
-            print(f"{other} / locality: mean TTFT x{ratio['ttft_mean']:.1f}, mean E2E x{ratio['e2e_mean']:.1f}, "
-                  f"P99 TTFT x{ratio['ttft_p99']:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
+        if loader is not None:
+            loader.terminate()
+            try:
+                loader.wait(30)
+            except Exception:  # noqa: BLE001
+                loader.kill()
+            shutil.rmtree(loader.shm_dir, ignore_errors=True)
+    summary = write_summary(runs, args, command, machine, date, gaps, final=True)
     try:
         plot(summary, args.plot)
         print(f"wrote {args.out} and {args.plot}")
