@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import tritonclient.grpc.aio as agrpc
+from .upstream import agrpc  # tritonclient, with its JSON dependency seen to
 
 from .config import HostConfig
 

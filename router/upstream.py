@@ -15,9 +15,16 @@ from typing import AsyncIterator
 
 import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as agrpc
-from tritonclient.utils import InferenceServerException
+
+try:  # tritonclient.grpc parses JSON with python-rapidjson (json.loads only); machines without it (the lent
+    import rapidjson  # noqa: F401  GPU machine) get the standard library's json under that name
+except ImportError:
+    import sys
+
+    sys.modules["rapidjson"] = json
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.grpc.aio as agrpc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 # The model folder's code: the same two-line shim as model_repository/tiny_moe, sent with each load as a file
 # override so the servers need no model folder written by the router (no shared filesystem).
