@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from .upstream import agrpc  # tritonclient, with its JSON dependency seen to
 
 from .config import HostConfig
+from .upstream import agrpc  # tritonclient, with its JSON dependency seen to
 
 log = logging.getLogger("tritonmoe.router")
 
