@@ -595,6 +595,210 @@ def merge(paths: list[str], out: str, plot_prefix: str | None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- host time (CPU, seconds)
+class SyntheticTraces(Traces):
+    """Routing of a trace file's shape without a trained model, for measuring the offloader's host time where no
+    trace file is at hand: requests fall into ``clusters`` groups that share skewed per-layer expert preferences
+    (plus per-request noise), and each token draws its top-k from its request's preferences (Gumbel top-k).
+    ``lookahead`` = the next layer's real picks with one pick in five replaced at random. Not a substitute for
+    learned routing when comparing hit rates."""
+
+    def __init__(self, layers: int, num_experts: int, top_k: int, requests: int = 48, prompt_len: int = 512,
+                 gen_len: int = 32, clusters: int = 6, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        L, E, k, R, T = layers, num_experts, top_k, requests, prompt_len + gen_len
+        centres = rng.normal(0.0, 1.5, (clusters, L, E))
+        experts = np.empty((R, L, T, k), dtype=np.uint8 if E <= 256 else np.int16)
+        for r in range(R):
+            logits = centres[r % clusters] + rng.normal(0.0, 1.0, (L, E))
+            noisy = logits[:, None, :] + rng.gumbel(size=(L, T, E))
+            top = np.argpartition(-noisy, k - 1, axis=-1)[..., :k]
+            experts[r] = np.sort(top, axis=-1)
+        self.path = None
+        self.experts = experts
+        nxt = experts[:, 1:, prompt_len:].astype(np.int64)  # [R, L-1, G, k]
+        swap = rng.random(nxt.shape) < 0.2
+        self.lookahead = np.where(swap, rng.integers(0, E, nxt.shape), nxt)
+        ids = experts[:, 1:, :prompt_len].astype(np.int64).reshape(R, L - 1, -1)
+        self.lookahead_prefill = np.stack([[np.bincount(ids[r, l], minlength=E) for l in range(L - 1)]
+                                           for r in range(R)])
+        self.category = np.array(["synthetic"] * R)
+        self.split = np.array(["eval" if r % 3 == 2 else "eamc" for r in range(R)])
+        self.prompt_len, self.gen_len, self.num_experts = prompt_len, gen_len, E
+        self.meta = {"synthetic": True, "clusters": clusters, "seed": seed}
+        self.requests, self.layers, self.top_k = R, L, k
+
+
+def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict]:
+    """The offloader's host (CPU) time per decode step, without the model around it: the real ``Offloader``
+    (cache, policies, prediction, copies, grouped_mm on the cache pool) at the real layer x expert x top-k
+    counts, tiny expert widths, driven layer by layer with the trace's routing on random hidden states.
+    ``--compute`` picks what the expert arithmetic costs (see its help)."""
+    from tritonmoe.backend.offload import offloader as offloader_mod
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    bench = Bench(args.shape, traces, device, dtype, small=True, host_layers=args.host_layers)
+    model, feed, modules = bench.build()
+    store = bench.host_store(modules)
+    L, E, k, H = traces.layers, traces.num_experts, traces.top_k, model.config.hidden_size
+    tmp = tempfile.mkdtemp(prefix="bench-eamc-")
+    eamc_master = os.path.join(tmp, "eamc.npy")
+    n_eamc = eamc_file(traces, args.new_tokens, args.eamc_capacity, eamc_master)
+    window = full_size_prefetch_window(args.shape)
+    log(f"  prefetch window {window} experts (full-size {args.shape} experts, bf16)")
+    real_compute = offloader_mod.weighted_pair_outputs
+    if args.compute == "none":
+        offloader_mod.weighted_pair_outputs = lambda module, views, pair_inputs, *a, **kw: torch.zeros_like(
+            pair_inputs)
+    elif args.compute == "compact":
+        def compact(module, views, pair_inputs, pair_slots, pair_weights, used_slots, first_slot=0):
+            # the same kernels on a bank of only the slots used (the CPU's grouped_mm costs O(bank width), a GPU's
+            # launches do not): the weights read are the wrong ones, the work issued is the real work
+            used, inverse = torch.unique(pair_slots, return_inverse=True)
+            return real_compute(module, views, pair_inputs, inverse, pair_weights, used_slots=len(used),
+                                first_slot=0)
+        offloader_mod.weighted_pair_outputs = compact
+    results = []
+    try:
+        for batch in args.batch:
+            groups = groups_for(traces, batch, args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn))
+            for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
+                for policy in [p for p in args.policies if p in POLICIES]:
+                    eviction, prefetch = POLICIES[policy]
+                    eamc_path = os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy")
+                    shutil.copy(eamc_master, eamc_path)
+                    bench.drop_resident(modules)
+                    cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
+                                        eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
+                    off = attach_offloading(model, cfg, device=device, host_store=store)
+                    if policy == "lookahead":
+                        off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i) for i in range(L)])
+                    off.set_prefetch_window(window)  # what the full-size experts get, not the tiny ones
+                    r = _drive_offloader(off, modules, feed, traces, groups, args, policy == "lookahead", H, dtype,
+                                         device)
+                    off.close()
+                    res = dict(shape=args.shape, layers=L, experts=E, top_k=k, hidden=H, policy=policy,
+                               batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
+                               compute=args.compute, **r)
+                    results.append(res)
+                    log(f"  {policy:>10} B={batch} budget={budget:>3}%  host {res['host_ms_per_token']:7.2f} ms/token "
+                        f"= {res['host_ms_per_layer']:.3f} ms/layer (median step {res['host_ms_per_token_median']:.2f})"
+                        f"  driver {res['wall_ms_per_token']:7.2f} ms/token  hit {res['decode_hit_rate']:.3f}  prec "
+                        f"{res['decode_prefetch_precision']:.3f}  rec {res['decode_prefetch_recall']:.3f}")
+                    save(results)
+                    for m in modules:
+                        delattr(m, HANDLE_ATTR)
+                    del off
+    finally:
+        offloader_mod.weighted_pair_outputs = real_compute
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def full_size_prefetch_window(shape: str) -> int:
+    """The offloader's prefetch window for the full-size model's bf16 experts (built on the meta device)."""
+    import transformers as tf
+
+    from tritonmoe.backend.offload.offloader import PREFETCH_WINDOW_BYTES
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(make_config(shape, layers=1), dtype=torch.bfloat16)
+    slot_bytes = ExpertLayout.of_experts_module(_experts_modules(model)[0][1]).slot_bytes
+    return max(2, PREFETCH_WINDOW_BYTES // slot_bytes)
+
+
+@torch.no_grad()
+def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, lookahead: bool, hidden: int, dtype,
+                     device) -> dict:
+    L, P, k = len(modules), traces.prompt_len, traces.top_k
+    gen = torch.Generator(device=device).manual_seed(0)
+    host, wall = [], []
+    dec_stats = {key: 0 for key in _TOTALS}
+    for gi, group in enumerate(groups):
+        B = len(group)
+        counted = gi >= args.warmup
+        routes = torch.as_tensor(traces.experts[group].astype(np.int64), device=device)  # [B, L, T, k]
+        seq_ids = [f"g{gi}r{r}" for r in group]
+        off.begin_forward(seq_ids, "prefill")
+        if lookahead:
+            counts = traces.lookahead_prefill[group].astype(np.int64).sum(axis=0)
+            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c)) for c in counts]
+        x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
+        w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
+        for layer in range(L):
+            off.run_experts(layer, modules[layer], x, routes[:, layer, :P].reshape(B * P, k), w)
+        w = torch.full((B, k), 1.0 / k, dtype=dtype, device=device)
+        steps = args.new_tokens if counted or args.warmup_tokens is None else min(args.new_tokens,
+                                                                                  args.warmup_tokens)
+        for t in range(steps):
+            if lookahead:
+                la = traces.lookahead[group][:, :, t]  # [B, L-1, k]
+                feed.lookahead = [torch.as_tensor(la[:, l].astype(np.int64)).reshape(-1) for l in range(L - 1)]
+            x = torch.randn(B, hidden, generator=gen, device=device, dtype=dtype)
+            s0 = _snap(off)
+            ts = time.perf_counter()
+            off.begin_forward(seq_ids, "decode")
+            for layer in range(L):
+                off.run_experts(layer, modules[layer], x, routes[:, layer, P + t], w)
+            _sync(device)
+            te = time.perf_counter()
+            d = _delta(s0, _snap(off))
+            if counted:
+                wall.append(te - ts)
+                host.append(d["host_s"])
+                for key, v in d.items():
+                    dec_stats[key] += v
+        for s in seq_ids:
+            off.end_sequence(s)
+    rates = _rates(dec_stats)
+    steps = max(1, len(host))
+    return {"host_ms_per_token": 1e3 * sum(host) / steps, "host_ms_per_layer": 1e3 * sum(host) / steps / L,
+            "host_ms_per_token_median": 1e3 * statistics.median(host) if host else 0.0,
+            "wall_ms_per_token": 1e3 * sum(wall) / steps, "decode_steps": len(host),
+            **{f"decode_{key}": v for key, v in rates.items()},
+            "decode_uses_per_step": dec_stats["uses"] / steps, "decode_misses_per_step": dec_stats["misses"] / steps,
+            "decode_prefetches_per_step": dec_stats["prefetches"] / steps}
+
+
+def main_host_time(a, argv) -> int:
+    from tritonmoe.tools.train_routing import SHAPES
+
+    if not a.shape or (a.traces and len(a.traces) != len(a.shape)):
+        raise SystemExit("--host-time: give --shape (and optionally one --traces per --shape)")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        a.device = "cpu"
+    if a.dtype == "bfloat16" and a.device == "cpu":
+        a.dtype = "float32"
+    env = {"command": "python -m tritonmoe.tools.bench_offload " + " ".join(argv if argv is not None else
+                                                                           __import__("sys").argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__, "device": a.device,
+           "dtype": a.dtype}
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(json.dumps(env))
+    results = []
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
+    def save(rs):
+        with open(a.out, "w") as f:
+            json.dump({"env": env, "results": rs}, f, indent=1)
+
+    for i, shape in enumerate(a.shape):
+        if a.traces:
+            traces = Traces(a.traces[i])
+        else:
+            layers, experts, top_k, _ = SHAPES[shape]
+            traces = SyntheticTraces(layers, experts, top_k, gen_len=max(a.new_tokens, 1))
+        log(f"[{shape}] {traces.layers} MoE layers x {traces.num_experts} experts, top-{traces.top_k}; routing: "
+            f"{a.traces[i] if a.traces else 'synthetic'}")
+        done = list(results)
+        results = done + host_time(argparse.Namespace(**{**vars(a), "shape": shape}), traces, log,
+                                   save=lambda rs: save(done + rs))
+        save(results)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", choices=["dsv2lite", "qwen3"])
@@ -620,9 +824,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files (later ones add to earlier), "
                    "recompute bounds and ratios, write --out, print the table, plot; no benchmark is run")
+    p.add_argument("--host-time", action="store_true",
+                   help="measure the offloader's host time per decode step: the real layer x expert x top-k counts "
+                   "with tiny widths, the offloader driven layer by layer without the model (runs on a CPU in "
+                   "seconds); without --traces the routing is synthetic (SyntheticTraces)")
+    p.add_argument("--compute", choices=["compact", "real", "none"], default="compact",
+                   help="--host-time: the expert arithmetic. real: as the offloader does it (on a CPU, grouped_mm "
+                   "costs ~1 us per slot of the bank, used or not, which a GPU kernel launch does not); compact: "
+                   "the same kernels on a bank of only the slots used (default: the host work a GPU sees); none: "
+                   "a zero output (the bookkeeping alone)")
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out, a.plot_prefix)
+    if a.host_time:
+        return main_host_time(a, argv)
     if not a.shape or len(a.shape) != len(a.traces or []):
         raise SystemExit("give one --traces per --shape")
     device = torch.device(a.device)

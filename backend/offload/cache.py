@@ -7,9 +7,10 @@ here; moving the bytes is the copy engine's job.
 Slots that the current layer computation is about to read are *protected*: neither a demand fetch for another
 expert of the same layer nor a prefetch may take them until ``release``.
 
-What each slot holds, when it was last used and whether it is protected are kept in per-slot numpy arrays, so
-choosing a victim is a few vectorised operations over the slots, not a Python scan (thousands of slots at full
-model size, and one choice per miss and per prefetch).
+Everything is kept in numpy arrays -- per slot (its expert's layer and id, last use, protection) and per expert
+(``[L, E]``: its slot or -1, whether it is an unused prefetch) -- so a layer's acquisition, and a batch of
+prefetches, cost a few vectorised operations whatever the number of experts or slots, not a Python loop over them.
+The only per-expert Python work left is handing each copy to the copy engine.
 """
 
 from __future__ import annotations
@@ -35,19 +36,21 @@ class ExpertCache:
         self.eviction = eviction
         self.stats = stats
         self.engine = engine
-        self._slot_of: dict[Key, int] = {}
+        engine.bind(self.pool, store)
+        shape = (store.num_layers, store.num_experts)
+        self.slot_of = np.full(shape, -1, dtype=np.int64)  # [L, E]: the expert's slot, -1 when not resident
+        # [L, E]: whether each expert is resident (prefetch planning skips these); always slot_of >= 0
+        self.resident_mask = np.zeros(shape, dtype=bool)
+        self._unused_prefetch = np.zeros(shape, dtype=bool)  # [L, E]: prefetched, not used since
         self._layer = np.full(num_slots, -1, dtype=np.int64)  # per slot: its expert's MoE layer, -1 when free
         self._expert = np.zeros(num_slots, dtype=np.int64)
         self._tick = np.zeros(num_slots, dtype=np.int64)  # last use (or arrival): higher = more recent
         self._clock = 0
         self._protected = np.zeros(num_slots, dtype=bool)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first: views stay short
-        self._unused_prefetches: set[Key] = set()
-        # [L, E]: whether each expert is resident (prefetch planning skips these without a Python loop)
-        self.resident_mask = np.zeros((store.num_layers, store.num_experts), dtype=bool)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._slot_of
+        return bool(self.slot_of[key] >= 0)
 
     def resident(self) -> list[Key]:
         """Resident keys, least recently used first."""
@@ -55,44 +58,47 @@ class ExpertCache:
         slots = slots[np.argsort(self._tick[slots], kind="stable")]
         return [(int(self._layer[s]), int(self._expert[s])) for s in slots]
 
-    def _touch(self, slot: int) -> None:
-        self._clock += 1
-        self._tick[slot] = self._clock
+    def _touch(self, slots: np.ndarray) -> None:
+        """Mark ``slots`` used now, in their order (the last one most recent)."""
+        n = len(slots)
+        self._tick[slots] = np.arange(self._clock + 1, self._clock + 1 + n)
+        self._clock += n
 
-    def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Slots holding ``experts`` of ``layer`` (at most ``num_slots`` of them), fetching the missing ones on
-        demand. The slots stay protected until :meth:`release`."""
-        if len(experts) > self.num_slots:
-            raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.num_slots} slots")
-        keys = [(layer, e) for e in experts]
+    def acquire(self, layer: int, experts) -> np.ndarray:
+        """Slots holding ``experts`` (distinct ids) of ``layer`` (at most ``num_slots`` of them), fetching the
+        missing ones on demand; they are used in the order given (recency follows it). The slots stay protected
+        until :meth:`release`."""
+        experts = np.asarray(experts, dtype=np.int64).reshape(-1)
+        n = len(experts)
+        if n > self.num_slots:
+            raise ValueError(f"{n} experts cannot be resident at once in {self.num_slots} slots")
+        slots = self.slot_of[layer, experts]  # a copy (fancy indexing)
+        hit = slots >= 0
         self._protected[:] = False
-        missing = 0
-        for k in keys:
-            if k in self._slot_of:
-                self._protected[self._slot_of[k]] = True
-            else:
-                missing += 1
-        # slots for the misses: free ones, then one selection of victims for all of them
-        spare = [self._free.pop() for _ in range(min(missing, len(self._free)))]
-        spare += self._evict_lowest(missing - len(spare))
-        spare.reverse()  # pop() below hands them out in eviction order
-        slots = []
-        for key in keys:
-            slot = self._slot_of.get(key)
-            self.stats.uses[layer] += 1
-            if slot is None:
-                self.stats.misses[layer] += 1
-                slot = spare.pop()
-                self._load(key, slot, urgent=True)
-            else:
-                self.stats.hits[layer] += 1
-                if key in self._unused_prefetches:
-                    self._unused_prefetches.discard(key)
-                    self.stats.prefetches_used[layer] += 1
-            self._protected[slot] = True
-            self._touch(slot)
-            self.eviction.on_use(key)
-            slots.append(slot)
+        self._protected[slots[hit]] = True
+        missing = np.flatnonzero(~hit)
+        m = len(missing)
+        stats = self.stats
+        stats.uses[layer] += n
+        stats.hits[layer] += n - m
+        stats.misses[layer] += m
+        if m < n:  # hits that a prefetch brought in: used now
+            hit_experts = experts[hit]
+            used = self._unused_prefetch[layer, hit_experts]
+            if used.any():
+                stats.prefetches_used[layer] += int(used.sum())
+                self._unused_prefetch[layer, hit_experts] = False
+        if m:
+            # slots for the misses: free ones, then one selection of victims for all of them
+            spare = [self._free.pop() for _ in range(min(m, len(self._free)))]
+            if m > len(spare):
+                spare.extend(self._evict(self._lowest(m - len(spare))).tolist())
+            miss_experts = experts[missing]
+            self._load(layer, miss_experts, np.asarray(spare, dtype=np.int64), urgent=True)
+            slots[missing] = spare
+            self._protected[spare] = True
+        self._touch(slots)
+        self.eviction.on_use(layer, experts)
         return slots
 
     def release(self) -> None:
@@ -101,61 +107,72 @@ class ExpertCache:
     def prefetch(self, key: Key) -> bool:
         """Start loading ``key`` if a slot can be had for it; False when the eviction policy ranks every
         evictable expert above it (or all are protected)."""
-        if key in self._slot_of:
+        if key in self:
             return True
-        slot = self._claim_slot(incoming=key)
-        if slot is None:
-            return False
-        self._load(key, slot, urgent=False)
-        self._unused_prefetches.add(key)
-        self.stats.prefetches[key[0]] += 1
-        return True
+        return self.prefetch_many(np.array([key[0]]), np.array([key[1]])) == 1
 
-    def _lowest(self, n: int) -> np.ndarray:
-        """Slots of the ``n`` evictable experts the policy values least, in eviction order."""
+    def prefetch_many(self, layers: np.ndarray, experts: np.ndarray) -> int:
+        """Start loading the non-resident experts ``(layers[i], experts[i])``, most urgent first; returns how many
+        of them were issued: a prefix, up to the first that the eviction policy refuses (it ranks the expert it
+        would replace higher) or that finds no unprotected slot. Victims are chosen once for the batch, lowest
+        first, among the experts resident before the call: a batch's prefetches never evict one another."""
+        n = len(layers)
+        if not n:
+            return 0
+        spare = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        issued = len(spare)
+        if issued < n:
+            victims = self._lowest(n - issued, strict=False)
+            if len(victims):
+                ok = self.eviction.admits(layers[issued:issued + len(victims)],
+                                          experts[issued:issued + len(victims)],
+                                          self._layer[victims], self._expert[victims])
+                k = len(ok) if ok.all() else int(np.argmin(ok))  # up to the first refusal
+                if k:
+                    spare.extend(self._evict(victims[:k]).tolist())
+                    issued += k
+        if issued:
+            ls, es = layers[:issued], experts[:issued]
+            self._load(ls, es, np.asarray(spare, dtype=np.int64), urgent=False)
+            self._unused_prefetch[ls, es] = True
+            np.add.at(self.stats.prefetches, ls, 1)
+        return issued
+
+    def _lowest(self, n: int, strict: bool = True) -> np.ndarray:
+        """Slots of the ``n`` evictable experts the policy values least, in eviction order (fewer when fewer are
+        evictable and not ``strict``)."""
         candidates = np.flatnonzero(~self._protected & (self._layer >= 0))
         if len(candidates) < n:
-            raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
+            if strict:
+                raise RuntimeError("every cache slot is protected; acquire() takes at most num_slots experts")
+            n = len(candidates)
+            if not n:
+                return candidates
         values = self.eviction.values(self._layer[candidates], self._expert[candidates])
         return candidates[lowest_first(values, self._tick[candidates], n)]
 
-    def _evict_lowest(self, n: int) -> list[int]:
-        if n <= 0:
-            return []
-        return [self._evict((int(self._layer[s]), int(self._expert[s]))) for s in self._lowest(n)]
+    def _evict(self, slots: np.ndarray) -> np.ndarray:
+        """Empty ``slots``; returns them."""
+        layers, experts = self._layer[slots], self._expert[slots]
+        wasted = self._unused_prefetch[layers, experts]
+        if wasted.any():
+            np.add.at(self.stats.prefetches_wasted, layers[wasted], 1)
+            self._unused_prefetch[layers, experts] = False
+        self.slot_of[layers, experts] = -1
+        self.resident_mask[layers, experts] = False
+        self._layer[slots] = -1
+        return slots
 
-    def _claim_slot(self, incoming: Key) -> int | None:
-        """For a prefetch of ``incoming``: a free slot, or the slot of an evicted expert the policy values below
-        it; None when there is none."""
-        if self._free:
-            return self._free.pop()
-        if not (~self._protected).any():
-            return None
-        slot = int(self._lowest(1)[0])
-        victim = (int(self._layer[slot]), int(self._expert[slot]))
-        if not self.eviction.admits(incoming, victim):
-            return None
-        return self._evict(victim)
-
-    def _evict(self, key: Key) -> int:
-        if key in self._unused_prefetches:
-            self._unused_prefetches.discard(key)
-            self.stats.prefetches_wasted[key[0]] += 1
-        slot = self._slot_of.pop(key)
-        self._layer[slot] = -1
-        self.resident_mask[key] = False
-        return slot
-
-    def _load(self, key: Key, slot: int, urgent: bool) -> None:
-        layer, expert = key
-        src = self.store.buffer(layer, expert)
-        self.engine.load(slot, self.pool[slot], src, urgent=urgent, layer=layer)
-        nbytes = src.numel()
-        if urgent:
-            self.stats.demand_bytes[layer] += nbytes
+    def _load(self, layers, experts: np.ndarray, slots: np.ndarray, urgent: bool) -> None:
+        """Start copying ``experts`` (of ``layers``: one layer or one per expert) into ``slots``."""
+        self.engine.load_many(slots, layers, experts, urgent)
+        nbytes = len(slots) * self.store.layout.slot_bytes
+        if np.ndim(layers) == 0:
+            (self.stats.demand_bytes if urgent else self.stats.prefetch_bytes)[layers] += nbytes
         else:
-            self.stats.prefetch_bytes[layer] += nbytes
-        self._slot_of[key] = slot
-        self._layer[slot], self._expert[slot] = layer, expert
-        self.resident_mask[key] = True
-        self._touch(slot)  # a new arrival counts as most recently used
+            np.add.at(self.stats.demand_bytes if urgent else self.stats.prefetch_bytes, layers,
+                      self.store.layout.slot_bytes)
+        self.slot_of[layers, experts] = slots
+        self.resident_mask[layers, experts] = True
+        self._layer[slots], self._expert[slots] = layers, experts
+        self._touch(slots)  # a new arrival counts as most recently used

@@ -1,10 +1,10 @@
 """Moving an expert from its host buffer into a cache slot.
 
-Every engine offers the same five calls, made by the cache and the layer computation in this order:
-``load`` (start filling a slot: ``urgent`` for an on-demand fetch, else a prefetch), ``wait_ready`` (the
-computation is about to read these slots), ``release`` (the computation has been issued; the slots may be
-overwritten once it has run), ``prefetches_in_flight``, ``collect`` (fold finished timings into the stats),
-``close``.
+Every engine offers the same calls, made by the cache and the layer computation in this order: ``bind`` (once:
+the cache pool and the host tier), ``load_many`` (start filling slots: ``urgent`` for on-demand fetches, else
+prefetches), ``wait_ready`` (the computation is about to read these slots), ``release`` (the computation of a
+MoE layer has been issued; its slots may be overwritten once it has run), ``prefetches_in_flight``, ``collect``
+(fold finished timings into the stats), ``close``.
 
 :class:`SyncCopyEngine` is the CPU engine: plain synchronous ``copy_``. The CUDA engine lives in
 ``cuda_copy_engine`` and is imported only when the cache lives on a CUDA device, so nothing CUDA is loaded here.
@@ -15,19 +15,24 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .stats import OffloadStats
 
 
 class CopyEngine(Protocol):
-    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, urgent: bool, layer: int) -> None: ...
+    def bind(self, pool: torch.Tensor, store) -> None: ...
+
+    def load_many(self, slots: np.ndarray, layers, experts: np.ndarray, urgent: bool) -> None:
+        """Copy expert ``experts[i]`` of MoE layer ``layers`` (an int) or ``layers[i]`` (an array) into
+        ``slots[i]``."""
 
     def prefetches_in_flight(self) -> int: ...
 
     def wait_ready(self, slots: list[int], layer: int) -> None: ...
 
-    def release(self, slots: list[int]) -> None: ...
+    def release(self, slots: list[int], layer: int) -> None: ...
 
     def collect(self) -> None: ...
 
@@ -35,16 +40,22 @@ class CopyEngine(Protocol):
 
 
 class SyncCopyEngine:
-    """Copies complete before ``load`` returns; the computation waits exactly for the on-demand ones."""
+    """Copies complete before ``load_many`` returns; the computation waits exactly for the on-demand ones."""
 
     def __init__(self, stats: OffloadStats):
         self._stats = stats
 
-    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, urgent: bool, layer: int) -> None:
+    def bind(self, pool: torch.Tensor, store) -> None:
+        self._pool, self._store = pool, store
+
+    def load_many(self, slots: np.ndarray, layers, experts: np.ndarray, urgent: bool) -> None:
         start = time.perf_counter()
-        dst.copy_(src)
+        per_expert = np.ndim(layers) > 0
+        for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
+            layer = int(layers[i]) if per_expert else layers
+            self._pool[slot].copy_(self._store.buffer(layer, expert))
         if urgent:
-            self._stats.stall_s[layer] += time.perf_counter() - start
+            self._stats.stall_s[layers] += time.perf_counter() - start
 
     def prefetches_in_flight(self) -> int:
         return 0
@@ -52,7 +63,7 @@ class SyncCopyEngine:
     def wait_ready(self, slots: list[int], layer: int) -> None:
         pass
 
-    def release(self, slots: list[int]) -> None:
+    def release(self, slots: list[int], layer: int) -> None:
         pass
 
     def collect(self) -> None:

@@ -5,8 +5,11 @@
   demand fetch waits behind at most that window, never behind the whole prefetch queue.
 - One ``ready`` event per cache slot, recorded after the slot's copy: the compute stream waits on it only when a
   layer is about to read that slot, and only if the copy has not finished yet. No stream or device synchronize.
-- One ``released`` event per slot, recorded on the compute stream once the kernels that read the slot have been
-  issued: a later copy into the slot waits on it, so it cannot overwrite weights still in use.
+- One ``released`` event per MoE layer, recorded on the compute stream once the kernels of that layer's round
+  have been issued; each slot remembers the layer that last read it, and a later copy into the slot waits on that
+  layer's event, so it cannot overwrite weights still in use. (The event's latest record is at or after the
+  slot's last read: the wait is exact or later, never earlier. One record per round, not one per slot.)
+- Copies are addressed by pointer arithmetic on the pool and the host tier (no tensor views per copy).
 - Stall time is measured on the GPU by a pair of timing events around each wait, read back later without
   blocking (``collect``).
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import torch
 from cuda.bindings import runtime as cudart
 
@@ -52,30 +56,48 @@ class CudaCopyEngine:
             lowest, highest = _check(cudart.cudaDeviceGetStreamPriorityRange())
             self._demand_stream = _check(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, highest))
             self._prefetch_stream = _check(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, lowest))
-            no_timing = cudart.cudaEventDisableTiming
-            self._ready = [_check(cudart.cudaEventCreateWithFlags(no_timing)) for _ in range(num_slots)]
-            self._released = [_check(cudart.cudaEventCreateWithFlags(no_timing)) for _ in range(num_slots)]
+            self._ready = [_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
+                           for _ in range(num_slots)]
+        self._released: list = []  # per MoE layer, created in bind()
+        self._last_reader = [-1] * num_slots  # per slot: the MoE layer whose kernels read it last, -1: none yet
         self._loading: set[int] = set()  # slots whose latest copy may still be running
         self._prefetching: set[int] = set()  # those of them that are prefetches
         self._free_timers: list[tuple] = []
         self._pending_timers: deque[tuple[int, object, object]] = deque()  # (layer, start, end)
 
+    def bind(self, pool: torch.Tensor, store) -> None:
+        """The cache pool ``[num_slots, slot_bytes]`` copies go into, and the host tier they come from."""
+        self._dst0 = pool.data_ptr()
+        self._nbytes = store.layout.slot_bytes
+        self._src0 = [store.buffer(layer, 0).data_ptr() for layer in range(store.num_layers)]
+        with torch.cuda.device(self._device_index):
+            self._released = [_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
+                              for _ in range(store.num_layers)]
+
     def _compute_stream(self):
         return cudart.cudaStream_t(torch.cuda.current_stream(self._device_index).cuda_stream)
 
-    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, urgent: bool, layer: int) -> None:
+    def load_many(self, slots, layers, experts, urgent: bool) -> None:
         stream = self._demand_stream if urgent else self._prefetch_stream
-        # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.
-        _check(cudart.cudaStreamWaitEvent(stream, self._released[slot], 0))
-        _check(cudart.cudaStreamWaitEvent(stream, self._ready[slot], 0))
-        _check(cudart.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(),
-                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        _check(cudart.cudaEventRecord(self._ready[slot], stream))
-        self._loading.add(slot)
-        if urgent:
-            self._prefetching.discard(slot)
-        else:
-            self._prefetching.add(slot)
+        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        nbytes, dst0, src0 = self._nbytes, self._dst0, self._src0
+        per_expert = np.ndim(layers) > 0
+        layer_list = layers.tolist() if per_expert else None
+        for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
+            layer = layer_list[i] if per_expert else layers
+            # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.
+            reader = self._last_reader[slot]
+            if reader >= 0:
+                _check(cudart.cudaStreamWaitEvent(stream, self._released[reader], 0))
+            if slot in self._loading:
+                _check(cudart.cudaStreamWaitEvent(stream, self._ready[slot], 0))
+            _check(cudart.cudaMemcpyAsync(dst0 + slot * nbytes, src0[layer] + expert * nbytes, nbytes, kind, stream))
+            _check(cudart.cudaEventRecord(self._ready[slot], stream))
+            self._loading.add(slot)
+            if urgent:
+                self._prefetching.discard(slot)
+            else:
+                self._prefetching.add(slot)
 
     def prefetches_in_flight(self) -> int:
         for slot in [s for s in self._prefetching if _done(self._ready[s])]:
@@ -104,10 +126,10 @@ class CudaCopyEngine:
         self._pending_timers.append((layer, start, end))
         self.collect()
 
-    def release(self, slots: list[int]) -> None:
-        stream = self._compute_stream()
-        for slot in slots:
-            _check(cudart.cudaEventRecord(self._released[slot], stream))
+    def release(self, slots, layer: int) -> None:
+        _check(cudart.cudaEventRecord(self._released[layer], self._compute_stream()))
+        for slot in slots.tolist() if hasattr(slots, "tolist") else slots:
+            self._last_reader[slot] = layer
 
     def collect(self) -> None:
         """Add the stalls the GPU has finished timing to the stats; never waits."""

@@ -114,7 +114,10 @@ class ActivationPredictor:
     partial EAM against the EAMC.
 
     Similarity over rows ``0..l`` is kept incrementally (dot products and squared norms grow by one row per layer),
-    so a layer costs ``O(batch x entries x E)`` plus the aggregation of the best matches."""
+    so a layer costs one ``[batch, E] x [E, entries]`` product and a top-k selection; the best matches are summed
+    into a new prediction only when some sequence's set of best matches changed. What is derived from a stored
+    collection (float64 copy, per-row layout for the products, prefix norms) is kept until the collection
+    changes, not rebuilt per forward."""
 
     def __init__(self, collection: EAMCollection, top_matches: int):
         self.collection = collection
@@ -122,57 +125,84 @@ class ActivationPredictor:
         _, num_layers, num_experts = collection.shape
         self.num_layers = num_layers
         self.prediction = np.zeros((num_layers, num_experts), dtype=np.float64)  # read by activation eviction
+        # prefetch weight of a layer d ahead: 1 - d/L (row d-1)
+        self._proximity = (1.0 - np.arange(1, num_layers + 1) / num_layers)[:, None]
+        self._derived: dict[int, tuple] = {}  # phase -> (source array, stored64, rows [L, E, n], prefix norms)
         self.begin_forward([], "decode")
+
+    def _derive(self, phase: int):
+        src = self.collection.eams
+        cached = self._derived.get(phase)
+        if cached is not None and cached[0] is src:  # the collection replaces its array on every change
+            return cached[1:]
+        stored = src[:, phase].astype(np.float64)  # [n, L, E]
+        rows = np.ascontiguousarray(stored.transpose(1, 2, 0))  # [L, E, n]: row l's products in one matmul
+        norm2 = np.cumsum((stored ** 2).sum(axis=2), axis=1)  # [n, L] prefixes
+        self._derived[phase] = (src, stored, rows, norm2)
+        return stored, rows, norm2
 
     def begin_forward(self, eams: list[np.ndarray], phase: str) -> None:
         """``eams``: the live ``[L, E]`` EAMs of this forward's sequences, in ``phase``."""
         self._eams = eams
-        stored = self.collection.eams[:, PHASES.index(phase)]  # [n, L, E] snapshot (the collection copies on write)
-        self._stored = stored
-        self._stored_norm2 = np.cumsum((stored.astype(np.float64) ** 2).sum(axis=2), axis=1)  # [n, L] prefixes
-        self._dot = np.zeros((len(eams), len(stored)))
+        self._stored, self._stored_rows, self._stored_norm2 = self._derive(PHASES.index(phase))
+        self._dot = np.zeros((len(eams), len(self._stored)))
         self._q_norm2 = np.zeros(len(eams))
         self._next_row = 0
+        self._chosen = None  # per sequence, the entries its prediction was built from
+        if not eams or not len(self._stored):
+            self.prediction = np.zeros_like(self.prediction)
 
     def observe(self, layer: int) -> None:
         """Row ``layer`` of every sequence's EAM is final for this forward: refresh the prediction."""
-        for row in range(self._next_row, layer + 1) if self._eams else ():
+        if not self._eams or not len(self._stored):
+            self._next_row = layer + 1
+            return
+        for row in range(self._next_row, layer + 1):
             q = np.stack([eam[row] for eam in self._eams]).astype(np.float64)  # [batch, E]
-            self._dot += q @ self._stored[:, row].T
-            self._q_norm2 += (q ** 2).sum(axis=1)
+            self._dot += q @ self._stored_rows[row]
+            self._q_norm2 += np.einsum("be,be->b", q, q)
         self._next_row = layer + 1
+        den = np.sqrt(np.outer(self._q_norm2, self._stored_norm2[:, layer]))
+        sims = np.divide(self._dot, den, out=np.zeros_like(self._dot), where=den > 0)
+        k = min(self.top_matches, sims.shape[1])
+        best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+            np.broadcast_to(np.arange(k), sims.shape)
+        # an entry sharing no expert tells nothing; sorted, so equal sets compare equal
+        chosen = tuple(tuple(sorted(b[s[b] > 0].tolist())) for b, s in zip(best, sims))
+        if chosen == self._chosen:
+            return  # the same best matches: the same prediction
+        self._chosen = chosen
         prediction = np.zeros_like(self.prediction)
-        if len(self._stored) and self._eams:
-            den = np.sqrt(np.outer(self._q_norm2, self._stored_norm2[:, layer]))
-            sims = np.divide(self._dot, den, out=np.zeros_like(self._dot), where=den > 0)
-            k = min(self.top_matches, sims.shape[1])
-            best = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            for seq_best, seq_sims in zip(best, sims):
-                chosen = seq_best[seq_sims[seq_best] > 0]  # an entry sharing no expert tells nothing
-                if len(chosen):
-                    prediction += _row_normalised(self._stored[chosen].sum(axis=0, dtype=np.float64))
+        for c in chosen:
+            if c:
+                prediction += _row_normalised(self._stored[list(c)].sum(axis=0))
         self.prediction = prediction
 
-    def prefetch_order(self, layer: int, exclude: np.ndarray | None = None,
-                       limit: int | None = None) -> list[tuple[int, int]]:
-        """Experts of the layers after ``layer``, most likely first by ``p[i][e] * (1 - (i - layer)/L)``.
-        ``exclude`` (``[L, E]`` bool): experts to leave out (the resident ones); ``limit``: at most this many, the
-        most likely (a partial sort: only the head of the order is ever issued before the next layer's)."""
+    def prefetch_plan(self, layer: int, exclude: np.ndarray | None = None,
+                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Experts of the layers after ``layer`` as ``(layers, experts)`` arrays, most likely first by
+        ``p[i][e] * (1 - (i - layer)/L)``, ties in layer-then-expert order. ``exclude`` (``[L, E]`` bool): experts
+        to leave out (the resident ones); ``limit``: at most this many, the most likely (a partial sort: only the
+        head of the order is ever issued before the next layer's)."""
         future = self.prediction[layer + 1:]
         if not future.size:
-            return []
-        distance = np.arange(1, len(future) + 1)[:, None]
-        weighted = (future * (1.0 - distance / self.num_layers)).ravel()
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        weighted = future * self._proximity[:len(future)]
         if exclude is not None:
-            weighted = np.where(exclude[layer + 1:].ravel(), 0.0, weighted)
+            weighted[exclude[layer + 1:]] = 0.0
+        weighted = weighted.ravel()
         cand = np.flatnonzero(weighted > 0)
         if limit is not None and len(cand) > limit:
             cand = cand[np.argpartition(-weighted[cand], limit - 1)[:limit]]
-        # stable on the flat (layer, expert) index: equal weights go in layer-then-expert order
-        cand = cand[np.argsort(-weighted[cand], kind="stable")] if limit is None else \
-            cand[np.lexsort((cand, -weighted[cand]))]
+        cand = cand[np.lexsort((cand, -weighted[cand]))]  # by weight, equal weights by flat (layer, expert) index
         num_experts = future.shape[1]
-        return [(layer + 1 + int(i) // num_experts, int(i) % num_experts) for i in cand]
+        return layer + 1 + cand // num_experts, cand % num_experts
+
+    def prefetch_order(self, layer: int, exclude: np.ndarray | None = None,
+                       limit: int | None = None) -> list[tuple[int, int]]:
+        """:meth:`prefetch_plan` as a list of ``(layer, expert)`` keys."""
+        layers, experts = self.prefetch_plan(layer, exclude, limit)
+        return list(zip(layers.tolist(), experts.tolist()))
 
 
 def _row_normalised(m: np.ndarray) -> np.ndarray:

@@ -32,26 +32,27 @@ def lowest_first(values: np.ndarray, ticks: np.ndarray, n: int) -> np.ndarray:
 
 
 class EvictionPolicy(Protocol):
-    def on_use(self, key: Key) -> None:
-        """An expert was used by the computation (a hit or a demand fetch; not a prefetch)."""
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        """Distinct ``experts`` of ``layer`` were used by the computation (hits and demand fetches; not prefetches)."""
 
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """How much each candidate ``(layers[i], experts[i])`` is worth keeping: the cache evicts the lowest
         first, equal values least recently used first (see :func:`lowest_first`)."""
 
-    def admits(self, incoming: Key, victim: Key) -> bool:
-        """Whether a prefetch of ``incoming`` is worth evicting ``victim``."""
+    def admits(self, layers: np.ndarray, experts: np.ndarray, victim_layers: np.ndarray,
+               victim_experts: np.ndarray) -> np.ndarray:
+        """Per pair ``i``: whether a prefetch of ``(layers[i], experts[i])`` is worth evicting victim ``i``."""
 
 
 class LRUEviction:
-    def on_use(self, key: Key) -> None:
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
         pass
 
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return np.zeros(len(layers))  # all equal: recency alone decides
 
-    def admits(self, incoming: Key, victim: Key) -> bool:
-        return True
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        return np.ones(len(layers), dtype=bool)
 
 
 class LFUEviction:
@@ -60,16 +61,21 @@ class LFUEviction:
     def __init__(self):
         self.uses = np.zeros((0, 0), dtype=np.int64)  # [layer, expert], grown on demand
 
-    def on_use(self, key: Key) -> None:
-        layer, expert = key
-        if layer >= self.uses.shape[0] or expert >= self.uses.shape[1]:
-            grown = np.zeros((max(layer + 1, self.uses.shape[0]), max(expert + 1, self.uses.shape[1])), np.int64)
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        experts = np.asarray(experts)
+        if not len(experts):
+            return
+        top = int(experts.max())
+        if layer >= self.uses.shape[0] or top >= self.uses.shape[1]:
+            grown = np.zeros((max(layer + 1, self.uses.shape[0]), max(top + 1, self.uses.shape[1])), np.int64)
             grown[:self.uses.shape[0], :self.uses.shape[1]] = self.uses
             self.uses = grown
-        self.uses[layer, expert] += 1
+        self.uses[layer, experts] += 1  # distinct experts: no repeated index
 
     def count(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         inside = (layers < self.uses.shape[0]) & (experts < self.uses.shape[1])
+        if inside.all():
+            return self.uses[layers, experts]
         out = np.zeros(len(layers), dtype=np.int64)
         out[inside] = self.uses[layers[inside], experts[inside]]
         return out
@@ -77,8 +83,8 @@ class LFUEviction:
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return self.count(layers, experts)
 
-    def admits(self, incoming: Key, victim: Key) -> bool:
-        return True
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        return np.ones(len(layers), dtype=bool)
 
 
 class ActivationAwareEviction:
@@ -93,7 +99,7 @@ class ActivationAwareEviction:
     def __init__(self, predictor):
         self._predictor = predictor
 
-    def on_use(self, key: Key) -> None:
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
         pass
 
     def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
@@ -106,9 +112,10 @@ class ActivationAwareEviction:
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return self.scores(layers, experts)
 
-    def admits(self, incoming: Key, victim: Key) -> bool:
-        s_in, s_victim = self.scores(np.array([incoming[0], victim[0]]), np.array([incoming[1], victim[1]]))
-        return bool(s_in > s_victim)
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        n = len(layers)
+        s = self.scores(np.concatenate([layers, victim_layers]), np.concatenate([experts, victim_experts]))
+        return s[:n] > s[n:]
 
 
 def make_eviction_policy(name: str, predictor=None) -> EvictionPolicy:

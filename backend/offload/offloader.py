@@ -68,6 +68,16 @@ class Offloader:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
         self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
+        self._expert_dtype = self.cache.views[store.layout.names[0]].dtype
+        self._slot_of = np.zeros(num_experts, dtype=np.int64)  # scratch: expert -> slot of the current round
+
+    def set_prefetch_window(self, window: int) -> None:
+        """Prefetches in flight at most (default: ``PREFETCH_WINDOW_BYTES`` of experts, at least 2), and the plan's
+        head kept by the activation policy (4 windows). Benchmarks of tiny-width models set the window the
+        full-size experts would get."""
+        self.prefetch_queue._window = max(1, int(window))
+        if isinstance(self.prefetch_policy, ActivationPrefetch):
+            self.prefetch_policy._limit = min(self.num_slots, 4 * self.prefetch_queue._window)
 
     # ---- the engine's interface -------------------------------------------------------------------------------
     def begin_forward(self, seq_ids: list[str], phase: str) -> None:
@@ -113,10 +123,12 @@ class Offloader:
             self.predictor.observe(layer)
         self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states))
 
-        needed = np.flatnonzero(counts.sum(axis=0)).tolist()
+        needed = np.flatnonzero(counts[0] if len(counts) == 1 else counts.sum(axis=0))
         # resident experts first: they fill the first round and are never evicted by a later round's fetches
-        needed.sort(key=lambda e: (layer, e) not in self.cache)
-        out_dtype = torch.promote_types(self.cache.views[self.store.layout.names[0]].dtype, top_k_weights.dtype)
+        resident = self.cache.resident_mask[layer, needed]
+        if not resident.all():
+            needed = np.concatenate([needed[resident], needed[~resident]])
+        out_dtype = torch.promote_types(self._expert_dtype, top_k_weights.dtype)
         pair_inputs = hidden_states.to(out_dtype).repeat_interleave(top_k, dim=0)  # (token, k) pairs, stock order
         pair_weights = top_k_weights.reshape(-1)
         pair_experts = routing.reshape(-1)
@@ -139,13 +151,14 @@ class Offloader:
     def _run_round(self, layer, module, experts, pair_experts, rows, pair_inputs, pair_weights) -> torch.Tensor:
         slots = self.cache.acquire(layer, experts)
         self.prefetch_queue.pump()  # prefetches go out behind this round's demand fetches
-        self.cache.engine.wait_ready(slots, layer)
-        slot_of = np.zeros(self.store.num_experts, dtype=np.int64)
+        slot_list = slots.tolist()
+        self.cache.engine.wait_ready(slot_list, layer)
+        slot_of = self._slot_of  # expert -> slot for this round (only this round's experts are read)
         slot_of[experts] = slots
         pair_slots = slot_of[pair_experts]
         if rows is not None:
             pair_inputs, pair_weights = pair_inputs[rows], pair_weights[rows]
-        lo, hi = min(slots), max(slots)
+        lo, hi = int(slots.min()), int(slots.max())
         device = pair_inputs.device
         if hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
             out = weighted_pair_outputs(module, self.cache.views, pair_inputs,
@@ -163,13 +176,15 @@ class Offloader:
                                                    _upload(b_slots - b_lo, device),
                                                    pair_weights[sel_t], first_slot=b_lo,
                                                    used_slots=int(b_slots.max()) - b_lo + 1)
-        self.cache.engine.release(slots)
+        self.cache.engine.release(slot_list, layer)
         self.cache.release()
         return out
 
     def _counts_per_sequence(self, routing: np.ndarray) -> np.ndarray:
         """``[row_groups, E]``: tokens routed to each expert, per sequence of the forward."""
         groups, experts = self._row_groups, self.store.num_experts
+        if groups == 1:
+            return np.bincount(routing.ravel(), minlength=experts)[None]
         if routing.shape[0] % groups:
             raise ValueError(f"{routing.shape[0]} rows do not split evenly over the {groups} sequences given to "
                              "begin_forward")

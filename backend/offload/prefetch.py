@@ -4,7 +4,6 @@ The :class:`PrefetchQueue` issues them a few at a time, so on-demand fetches nev
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -15,16 +14,23 @@ from .eam import ActivationPredictor
 from .eviction import Key
 
 
+Plan = tuple[np.ndarray, np.ndarray]  # (MoE layers, experts), most urgent first
+
+
+def _empty_plan() -> Plan:
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+
 class PrefetchPolicy(Protocol):
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> list[Key]:
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
         """Experts to prefetch once MoE layer ``layer`` has routed ``hidden_states``, most urgent first."""
 
 
 class NoPrefetch:
     """On-demand fetching only."""
 
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> list[Key]:
-        return []
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        return _empty_plan()
 
 
 class ActivationPrefetch:
@@ -32,15 +38,15 @@ class ActivationPrefetch:
 
     ``resident`` (``[L, E]`` bool, the cache's live mask) leaves out what is already there, and ``limit`` keeps
     the head of the order only: a layer issues at most a window or two of prefetches before the next layer
-    replaces the plan, so ordering thousands of experts (and building their keys) every layer would be waste."""
+    replaces the plan, so ordering thousands of experts every layer would be waste."""
 
     def __init__(self, predictor: ActivationPredictor, resident: np.ndarray | None = None, limit: int | None = None):
         self._predictor = predictor
         self._resident = resident
         self._limit = limit
 
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> list[Key]:
-        return self._predictor.prefetch_order(layer, exclude=self._resident, limit=self._limit)
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        return self._predictor.prefetch_plan(layer, exclude=self._resident, limit=self._limit)
 
 
 class RouterLookaheadPrefetch:
@@ -51,16 +57,16 @@ class RouterLookaheadPrefetch:
         self._routers = routers
 
     @torch.no_grad()
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> list[Key]:
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
         if layer + 1 >= len(self._routers):
-            return []
+            return _empty_plan()
         # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
         top_k_index = self._routers[layer + 1].forward(hidden_states)[-1]
         # counted where the routing is (one small read-back, not a Python list of every pick)
         picks = torch.bincount(top_k_index.reshape(-1)).cpu().numpy()
         experts = np.flatnonzero(picks)
         experts = experts[np.argsort(-picks[experts], kind="stable")]  # most picked first; ties by expert id
-        return [(layer + 1, int(e)) for e in experts]
+        return np.full(len(experts), layer + 1, dtype=np.int64), experts.astype(np.int64)
 
 
 class PrefetchQueue:
@@ -69,23 +75,34 @@ class PrefetchQueue:
     def __init__(self, cache: ExpertCache, window: int):
         self._cache = cache
         self._window = window
-        self._queue: deque[Key] = deque()
+        self._layers, self._experts = _empty_plan()
 
-    def replace(self, keys: list[Key]) -> None:
-        self._queue = deque(keys)
+    def replace(self, plan) -> None:
+        """``plan``: ``(layers, experts)`` arrays, or a list of ``(layer, expert)`` keys."""
+        if isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], np.ndarray):
+            self._layers, self._experts = plan
+        else:
+            keys = np.asarray(list(plan), dtype=np.int64).reshape(-1, 2)
+            self._layers, self._experts = keys[:, 0], keys[:, 1]
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._layers)
 
     def pump(self) -> None:
-        """Issue queued prefetches while the window has room. Drops the rest at the first one the cache refuses:
-        they rank lower still, and asking for each would cost an eviction search per queued expert."""
+        """Issue queued prefetches while the window has room, skipping resident ones. Drops the rest at the first
+        one the cache refuses: they rank lower still."""
+        if not len(self._layers):
+            return
         room = self._window - self._cache.engine.prefetches_in_flight()
-        while room > 0 and self._queue:
-            key = self._queue.popleft()
-            if key in self._cache:
-                continue
-            if not self._cache.prefetch(key):
-                self._queue.clear()
-                break
-            room -= 1
+        if room <= 0:
+            return
+        absent = np.flatnonzero(~self._cache.resident_mask[self._layers, self._experts])
+        take = absent[:room]
+        issued = self._cache.prefetch_many(self._layers[take], self._experts[take])
+        if issued < len(take):
+            self._layers, self._experts = _empty_plan()
+            return
+        if len(absent) <= room:  # everything was issued or found resident
+            self._layers, self._experts = _empty_plan()
+        else:  # what follows the last one issued stays queued
+            self._layers, self._experts = self._layers[take[-1] + 1:], self._experts[take[-1] + 1:]

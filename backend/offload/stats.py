@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 _COUNTERS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted",
              "demand_bytes", "prefetch_bytes")
 
@@ -18,28 +20,30 @@ class OffloadStats:
     idles for part of it, since the next layer's work is issued only after."""
 
     num_layers: int
-    uses: list[int] = field(default_factory=list)
-    hits: list[int] = field(default_factory=list)
-    misses: list[int] = field(default_factory=list)
-    prefetches: list[int] = field(default_factory=list)
-    prefetches_used: list[int] = field(default_factory=list)
-    prefetches_wasted: list[int] = field(default_factory=list)
-    demand_bytes: list[int] = field(default_factory=list)
-    prefetch_bytes: list[int] = field(default_factory=list)
-    stall_s: list[float] = field(default_factory=list)
-    host_s: list[float] = field(default_factory=list)
+    uses: np.ndarray = field(default=None)
+    hits: np.ndarray = field(default=None)
+    misses: np.ndarray = field(default=None)
+    prefetches: np.ndarray = field(default=None)
+    prefetches_used: np.ndarray = field(default=None)
+    prefetches_wasted: np.ndarray = field(default=None)
+    demand_bytes: np.ndarray = field(default=None)
+    prefetch_bytes: np.ndarray = field(default=None)
+    stall_s: np.ndarray = field(default=None)
+    host_s: np.ndarray = field(default=None)
 
     def __post_init__(self):
+        # numpy arrays, so the cache can count a whole layer's (or a batch's) events in one operation
         for name in _COUNTERS:
-            setattr(self, name, [0] * self.num_layers)
-        self.stall_s = [0.0] * self.num_layers
-        self.host_s = [0.0] * self.num_layers
+            setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
+        self.stall_s = np.zeros(self.num_layers)
+        self.host_s = np.zeros(self.num_layers)
 
     def as_dict(self) -> dict:
-        """Totals, rates and per-layer lists. Rates with an empty denominator are 0.0, never NaN."""
-        total = {name: sum(getattr(self, name)) for name in _COUNTERS}
-        total["stall_s"] = sum(self.stall_s)
-        total["host_s"] = sum(self.host_s)
+        """Totals, rates and per-layer lists (plain Python numbers). Rates with an empty denominator are 0.0,
+        never NaN."""
+        total = {name: int(getattr(self, name).sum()) for name in _COUNTERS}
+        total["stall_s"] = float(self.stall_s.sum())
+        total["host_s"] = float(self.host_s.sum())
         out = dict(total)
         out["bytes_moved"] = total["demand_bytes"] + total["prefetch_bytes"]
         out["hit_rate"] = _ratio(total["hits"], total["uses"])
@@ -48,7 +52,7 @@ class OffloadStats:
                                            total["prefetches_used"] + total["prefetches_wasted"])
         # recall: of the uses that needed a host transfer, the share a prefetch had already brought in
         out["prefetch_recall"] = _ratio(total["prefetches_used"], total["prefetches_used"] + total["misses"])
-        out["per_layer"] = {name: list(getattr(self, name)) for name in (*_COUNTERS, "stall_s", "host_s")}
+        out["per_layer"] = {name: getattr(self, name).tolist() for name in (*_COUNTERS, "stall_s", "host_s")}
         return out
 
 

@@ -42,9 +42,9 @@ def measure_fetch_overhead(device: str = "cpu", expert_bytes: int = 1 << 20, fet
 
     def fetch(i: int) -> float:
         t0 = time.perf_counter()
-        got = cache.acquire(0, [i % experts])
+        got = cache.acquire(0, [i % experts]).tolist()
         engine.wait_ready(got, 0)
-        engine.release(got)
+        engine.release(got, 0)
         cache.release()
         return time.perf_counter() - t0
 
