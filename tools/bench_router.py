@@ -372,6 +372,13 @@ def main(argv=None) -> int:
     try:
         with concurrent.futures.ThreadPoolExecutor(args.servers) as pool:
             list(pool.map(lambda s: s.start(timeout=120), servers))
+        # warm-up, not measured: one load per server, so that the first policy does not pay what only a machine's
+        # first loads cost (imports from a cold page cache, first CUDA initialisations)
+        t = time.perf_counter()
+        unload_all(servers)
+        run_policy("round_robin", servers, checkpoints, [(0.0, i % args.models) for i in range(args.servers)], args,
+                   loader_url, gpus)
+        say(f"warm-up: one load per server ({time.perf_counter() - t:.1f}s)")
         for policy in args.policies.split(","):
             unload_all(servers)
             print(f"--- {policy}", flush=True)
