@@ -4,10 +4,10 @@
 # machine (tools/bench_router.py --device gpu --loader). Writes JSON, a plot and the log to $OUT (or ./gpu-out).
 #
 # On the lent GPU machine (kind nvidia-h200-x2), after scripts/gpu_payload.sh built .gpu/ here (carry [".gpu"]):
-#   bash scripts/gpu_router_bench.sh                     # about 6-7 minutes, checkpoint creation included
-# Knobs (environment): MODELS (6), MODEL_GB (2.5), REQUESTS (40), MEAN_GAP (1.5 s), CV (4), KEEP_ALIVE (10 s),
+#   bash scripts/gpu_router_bench.sh                     # about 7 minutes, checkpoint creation included
+# Knobs (environment): MODELS (6), MODEL_GB (2.5), REQUESTS (80), MEAN_GAP (1.2 s), CV (2), KEEP_ALIVE (15 s),
 # MAX_MODELS (2 per server), MAX_TOKENS (64), POLICIES (locality,random,round_robin; locality+migration is
-# locality with placement-driven migration), BENCH_TIMEOUT (450 s).
+# locality with placement-driven migration), BENCH_TIMEOUT (480 s; results are written after every policy).
 # On a machine without a GPU (the CPU check: tiny models, same path): DEVICE=cpu bash scripts/gpu_router_bench.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -18,11 +18,11 @@ if [ "$DEVICE" = gpu ]; then
   source scripts/gpu_env.sh
   PY=python3
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-  defaults=(6 2.5 40 1.5 10 2 64)
+  defaults=(6 2.5 80 1.2 15 2 64 2)
 else
   # the CPU check: this checkout's .venv (or the python on PATH), tiny models, two CPU servers
   PY=${PYTHON:-.venv/bin/python}; [ -x "$PY" ] || PY=python3
-  defaults=(3 0 8 1.5 6 1 8)
+  defaults=(3 0 8 1.5 6 1 8 4)
 fi
 MODELS=${MODELS:-${defaults[0]}}; MODEL_GB=${MODEL_GB:-${defaults[1]}}; REQUESTS=${REQUESTS:-${defaults[2]}}
 MEAN_GAP=${MEAN_GAP:-${defaults[3]}}; KEEP_ALIVE=${KEEP_ALIVE:-${defaults[4]}}; MAX_MODELS=${MAX_MODELS:-${defaults[5]}}
@@ -30,13 +30,13 @@ MAX_TOKENS=${MAX_TOKENS:-${defaults[6]}}
 servers=(); [ "$DEVICE" = cpu ] && servers=(--servers 2)
 work=$(mktemp -d /tmp/router-bench-XXXX)
 cmd=("$PY" -m tritonmoe.tools.bench_router --device "$DEVICE" "${servers[@]}" --loader --models "$MODELS"
-     --model-gb "$MODEL_GB" --requests "$REQUESTS" --mean-gap "$MEAN_GAP" --cv "${CV:-4}" --keep-alive "$KEEP_ALIVE"
+     --model-gb "$MODEL_GB" --requests "$REQUESTS" --mean-gap "$MEAN_GAP" --cv "${CV:-${defaults[7]}}" --keep-alive "$KEEP_ALIVE"
      --max-models "$MAX_MODELS" --max-tokens "$MAX_TOKENS" --policies "${POLICIES:-locality,random,round_robin}"
      --workdir "$work" --out "$out/router_bench_$DEVICE.json" --plot "$out/router_bench_$DEVICE.png")
 echo "command: ${cmd[*]}"
 echo "machine: $(uname -n), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM"
 echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-timeout "${BENCH_TIMEOUT:-450}" "${cmd[@]}" 2>&1 | tee "$out/router_bench_$DEVICE.log"
+timeout "${BENCH_TIMEOUT:-480}" "${cmd[@]}" 2>&1 | tee "$out/router_bench_$DEVICE.log"
 rc=${PIPESTATUS[0]}
 for f in "$work"/server*.log "$work"/loader/service.log; do  # the ends of the server and loader logs
   [ -f "$f" ] && tail -c 20000 "$f" > "$out/$(basename "$(dirname "$f")")_$(basename "$f")"
