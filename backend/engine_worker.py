@@ -262,7 +262,7 @@ class Worker:
 
     def load(self, request: dict) -> None:
         handler = _Forward(self.outbox)
-        handler.setFormatter(logging.Formatter("[tritonmoe] %(message)s"))
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the stub's own handler adds "[tritonmoe]"
         logging.getLogger("tritonmoe").addHandler(handler)
         try:
             with _environment(request.get("env")):

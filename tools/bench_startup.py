@@ -12,6 +12,10 @@ up to four ways, each load followed by a one-token request and an unload:
   Before each pool load the bench waits until the pool's replacement worker is warm (``pool_wait``, not counted):
   a load is measured against a pool in its steady state.
 
+By default the server runs with ``--disable-auto-complete-config`` (Triton's advice for secure deployments) and each
+load sends a complete config: with auto-complete on, Triton starts one extra stub process per load only to complete
+the config (``--auto-complete-config`` measures that way, as the first H100 run did).
+
 ``--repeat N`` runs N rounds, each loading every path once in turn (interleaved, so drift hits all paths alike),
 after one unrecorded warm-up load (so the first recorded stub does not pay for a cold page cache). It prints the
 command, machine and date, a line per load, and a table of the median load (by load -> first token) per path with
@@ -40,7 +44,7 @@ from pathlib import Path
 from . import tiny_models
 from .client import generate, load_model, unload_model
 from .model_config import read_config, with_overrides
-from .serve import spawn_loader, spawn_pool, stop_pool
+from .serve import complete_config, spawn_loader, spawn_pool, stop_pool
 from .tritonserver import TritonServer, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +60,10 @@ def parse_args(argv):
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds; each loads every path once (the table shows each path's median load)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up load before the rounds")
+    p.add_argument("--auto-complete-config", action="store_true",
+                   help="let Triton complete each config (a stub process per load just for that, as the first H100 "
+                        "run did); default: send complete configs to a server started with "
+                        "--disable-auto-complete-config")
     p.add_argument("--workdir", type=Path, help="where the checkpoints, loader state and logs go (default: temp)")
     p.add_argument("--out", type=Path, help="JSON result file")
     a = p.parse_args(argv)
@@ -93,15 +101,19 @@ def startup_phases(server: TritonServer) -> dict[str, float]:
     return phases
 
 
-def wait_unloaded(server: TritonServer, timeout: float = 120) -> None:
+def unloaded_count(server: TritonServer) -> int:
+    return server.log_path.read_text(errors="replace").count(f"successfully unloaded '{MODEL}'")
+
+
+def wait_unloaded(server: TritonServer, before: int, timeout: float = 120) -> None:
+    """Until Triton logged the unload: its repository index says UNAVAILABLE while the old instance is still
+    finalizing, and loading the same model again during that (no auto-complete stub to wait for) crashed
+    tritonserver 2.51 on the CPU machine (SIGSEGV in the Python backend at the next request)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
-        index = json.loads(urllib.request.urlopen(req, timeout=10).read())
-        if all(m.get("state") != "READY" and m.get("state") != "UNLOADING" for m in index if m["name"] == MODEL):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{MODEL} did not unload within {timeout}s")
+    while unloaded_count(server) <= before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{MODEL} did not unload within {timeout}s")
+        time.sleep(0.1)
 
 
 def wait_pool_warm(socket_path: str, timeout: float = 300) -> float:
@@ -142,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
     loader = shm = pool = None
     result = {"command": sys.argv, "gb": nbytes / 1e9, "spec": spec.__dict__, "device": a.device, "gpu": gpu,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {}}
-    server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log")
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {},
+              "auto_complete_config": a.auto_complete_config, "repeat": a.repeat}
+    server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log",
+                          extra_args=[] if a.auto_complete_config else ["--disable-auto-complete-config"])
     try:
         if {"loader", "pool"} & set(a.paths):
             from tritonmoe.loader.client import LoaderClient
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 pool_wait = wait_pool_warm(pool.socket)
             config = with_overrides(base, parameters=params, kind=kind, gpus=[0] if kind == "KIND_GPU" else None)
             config["name"] = MODEL
+            if not a.auto_complete_config:
+                config = complete_config(config)
             if a.device == "gpu":
                 subprocess.run(["sync"], check=False)
             t0 = time.perf_counter()
@@ -192,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             run = {"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0, "phases": startup_phases(server)}
             if path == "pool":
                 run["pool_wait_s"] = pool_wait
+            before = unloaded_count(server)
             unload_model(server.http_url, MODEL)
-            wait_unloaded(server)
+            wait_unloaded(server, before)
             return run
 
         plan = ([] if a.no_warmup else [a.paths[0]]) + [path for _ in range(a.repeat) for path in a.paths]
@@ -221,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)
     say("")
-    say(f"median of {a.repeat} load(s) per path" + ("" if a.no_warmup else f", after a warm-up load ({a.paths[0]})"))
+    say(f"median of {a.repeat} load(s) per path" + ("" if a.no_warmup else f", after a warm-up load ({a.paths[0]})")
+        + ("; Triton auto-completes each config" if a.auto_complete_config else
+           "; complete configs, --disable-auto-complete-config"))
     say("| path | Triton load (s) | first token (s) | load → first token (s) | best (s) | GB/s | vs hf | phases (s) |")
     say("|---|---:|---:|---:|---:|---:|---:|---|")
     hf_total = result["paths"].get("hf", {}).get("median", {}).get("total_s")
