@@ -207,6 +207,7 @@ def test_slot_banks_wider_than_grouped_mm_allows_split_into_blocks(checkpoints, 
     from tritonmoe.backend.offload import offloader as offloader_module
 
     monkeypatch.setattr(offloader_module, "MAX_GROUPS", 2)
+    monkeypatch.setattr(offloader_module, "GATHER_MAX_BYTES", 0)  # no compact banks: the blocks are under test
     model, offloader = load_offloaded_model(checkpoints["mixtral"], "cpu", torch.float32,
                                             OffloadConfig(cache_budget="100%", eviction="lru", prefetch="none"))
     blocks = []
@@ -221,3 +222,31 @@ def test_slot_banks_wider_than_grouped_mm_allows_split_into_blocks(checkpoints, 
     assert torch.equal(greedy(model, *left_padded([PROMPTS[0]]), offloader, ["r0"]), singles[0])
     assert torch.equal(greedy(model, *left_padded(PROMPTS), offloader, ["b0", "b1", "b2"]), batch)
     assert max(blocks) <= 2 and len(blocks) > 2 * LAYERS * (NEW_TOKENS + 1)  # more calls than layer forwards
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_compact_banks_gathered_from_scattered_slots(checkpoints, expected, monkeypatch, arch):
+    """A round whose slots lie far apart computes on a compact copy of just those slots (one gather), whatever
+    the limit on groups; with the thresholds lowered, rounds take that path, and the tokens must not change."""
+    from tritonmoe.backend.offload import offloader as offloader_module
+
+    monkeypatch.setattr(offloader_module, "MAX_GROUPS", 2)  # and never more than 2 groups in a bank of slots
+    monkeypatch.setattr(offloader_module, "GATHER_MIN_BANK", 0)
+    monkeypatch.setattr(offloader_module, "GATHER_FACTOR", 1)  # gather whenever the slots are not contiguous
+    model, offloader = load_offloaded_model(checkpoints[arch], "cpu", torch.float32,
+                                            OffloadConfig(cache_budget="40%", eviction="lfu", prefetch="none"))
+    calls = []
+    real = offloader_module.weighted_pair_outputs
+
+    def spy(module, slot_views, *args, used_slots, first_slot=0, **kwargs):
+        compact = slot_views is not offloader.cache.views
+        calls.append(compact)
+        if compact:  # a bank of exactly the experts used, each once
+            assert first_slot == 0 and next(iter(slot_views.values())).shape[0] == used_slots
+        return real(module, slot_views, *args, used_slots=used_slots, first_slot=first_slot, **kwargs)
+
+    monkeypatch.setattr(offloader_module, "weighted_pair_outputs", spy)
+    singles, batch = expected[arch]
+    assert torch.equal(greedy(model, *left_padded([PROMPTS[0]]), offloader, ["r0"]), singles[0])
+    assert torch.equal(greedy(model, *left_padded(PROMPTS), offloader, ["b0", "b1", "b2"]), batch)
+    assert sum(calls) >= 3  # the compact path ran (contiguous slots keep the plain bank)

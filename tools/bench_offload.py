@@ -604,7 +604,7 @@ class SyntheticTraces(Traces):
     learned routing when comparing hit rates."""
 
     def __init__(self, layers: int, num_experts: int, top_k: int, requests: int = 48, prompt_len: int = 512,
-                 gen_len: int = 32, clusters: int = 6, seed: int = 0):
+                 gen_len: int = 32, clusters: int = 8, seed: int = 0):
         rng = np.random.default_rng(seed)
         L, E, k, R, T = layers, num_experts, top_k, requests, prompt_len + gen_len
         centres = rng.normal(0.0, 1.5, (clusters, L, E))
@@ -623,6 +623,7 @@ class SyntheticTraces(Traces):
         self.lookahead_prefill = np.stack([[np.bincount(ids[r, l], minlength=E) for l in range(L - 1)]
                                            for r in range(R)])
         self.category = np.array(["synthetic"] * R)
+        # one in three replayed; clusters and splits are coprime, so every cluster has requests in both
         self.split = np.array(["eval" if r % 3 == 2 else "eamc" for r in range(R)])
         self.prompt_len, self.gen_len, self.num_experts = prompt_len, gen_len, E
         self.meta = {"synthetic": True, "clusters": clusters, "seed": seed}

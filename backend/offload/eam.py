@@ -125,6 +125,7 @@ class ActivationPredictor:
         _, num_layers, num_experts = collection.shape
         self.num_layers = num_layers
         self.prediction = np.zeros((num_layers, num_experts), dtype=np.float64)  # read by activation eviction
+        self.version = 0  # bumped whenever ``prediction`` changes (it is replaced, never written in place)
         # prefetch weight of a layer d ahead: 1 - d/L (row d-1)
         self._proximity = (1.0 - np.arange(1, num_layers + 1) / num_layers)[:, None]
         self._derived: dict[int, tuple] = {}  # phase -> (source array, stored64, rows [L, E, n], prefix norms)
@@ -151,6 +152,7 @@ class ActivationPredictor:
         self._chosen = None  # per sequence, the entries its prediction was built from
         if not eams or not len(self._stored):
             self.prediction = np.zeros_like(self.prediction)
+            self.version += 1
 
     def observe(self, layer: int) -> None:
         """Row ``layer`` of every sequence's EAM is final for this forward: refresh the prediction."""
@@ -177,6 +179,7 @@ class ActivationPredictor:
             if c:
                 prediction += _row_normalised(self._stored[list(c)].sum(axis=0))
         self.prediction = prediction
+        self.version += 1
 
     def prefetch_plan(self, layer: int, exclude: np.ndarray | None = None,
                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -98,16 +98,27 @@ class ActivationAwareEviction:
 
     def __init__(self, predictor):
         self._predictor = predictor
+        self._table = None  # (prediction array, its version, [L, E] scores)
 
     def on_use(self, layer: int, experts: np.ndarray) -> None:
         pass
 
-    def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    def table(self) -> np.ndarray:
+        """``[L, E]`` scores of the current prediction, computed once per prediction (a predictor that updates
+        its array in place says so by a ``version`` attribute; without one, every call recomputes)."""
         p = self._predictor.prediction
+        version = getattr(self._predictor, "version", None)
+        if self._table is not None and version is not None and self._table[0] is p and self._table[1] == version:
+            return self._table[2]
         num_layers, num_experts = p.shape
         # eps on every cell keeps the score defined (and uniform within a layer) when a layer has no prediction
-        row_sum = p.sum(axis=1) + num_experts * self.EPS
-        return (p[layers, experts] + self.EPS) / row_sum[layers] * (1.0 - layers / num_layers)
+        row_sum = p.sum(axis=1, keepdims=True) + num_experts * self.EPS
+        table = (p + self.EPS) / row_sum * (1.0 - np.arange(num_layers) / num_layers)[:, None]
+        self._table = (p, version, table)
+        return table
+
+    def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.table()[layers, experts]
 
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return self.scores(layers, experts)

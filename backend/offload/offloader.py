@@ -38,6 +38,15 @@ PREFETCH_WINDOW_BYTES = 64 * 2**20
 # torch's CUDA grouped_mm checks group_count < 1024 ("Can't process more than 1024 groups"): the slot bank a
 # computation sees spans at most this many slots, and a round whose slots span more runs one bank per block.
 MAX_GROUPS = 1023
+# A round whose slots lie far apart (a bank much wider than the experts used; always once a cache holds more than
+# ~1,000 experts and a layer's experts sit across it) reads its experts through a compact copy of just those
+# slots, made on the device by one gather, so the kernels see one group per expert used: one grouped_mm call
+# instead of one per block of MAX_GROUPS slots, and no empty groups (a CPU's grouped_mm costs ~1 us per group,
+# used or not). Only when the copy is at most GATHER_MAX_BYTES (transient device memory beside the cache) and the
+# bank is wider than both GATHER_MIN_BANK slots and GATHER_FACTOR x the experts used.
+GATHER_MAX_BYTES = 256 * 2**20
+GATHER_MIN_BANK = 64
+GATHER_FACTOR = 4
 
 
 class Offloader:
@@ -160,7 +169,15 @@ class Offloader:
             pair_inputs, pair_weights = pair_inputs[rows], pair_weights[rows]
         lo, hi = int(slots.min()), int(slots.max())
         device = pair_inputs.device
-        if hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
+        n = len(slots)
+        if (hi - lo + 1 > max(GATHER_MIN_BANK, GATHER_FACTOR * n)
+                and n * self.store.layout.slot_bytes <= GATHER_MAX_BYTES):
+            # compact bank: group i = the round's expert i; one upload carries the slots and the pairs' groups
+            slot_of[experts] = np.arange(n)
+            both = _upload(np.concatenate([slots, slot_of[pair_experts]]), device)
+            bank = self.store.layout.views(torch.index_select(self.cache.pool, 0, both[:n]))
+            out = weighted_pair_outputs(module, bank, pair_inputs, both[n:], pair_weights, used_slots=n)
+        elif hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
             out = weighted_pair_outputs(module, self.cache.views, pair_inputs,
                                         _upload(pair_slots - lo, device), pair_weights,
                                         first_slot=lo, used_slots=hi - lo + 1)
