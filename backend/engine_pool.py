@@ -406,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-device", type=int, default=1, help="warm workers kept ready per device (default 1)")
     p.add_argument("--no-kernel-warmup", action="store_true",
                    help="workers skip the tiny MoE forward that loads the GPU kernels before a claim")
+    p.add_argument("--prepin-loader", metavar="URL",
+                   help="workers map the DRAM-resident models of the loader at URL before a claim and, on a GPU, "
+                        "page-lock them (a load of one of them then copies at the pinned PCIe rate)")
     p.add_argument("--status", action="store_true", help="print the running pool's status as JSON and exit")
     a = p.parse_args(argv)
     if a.status:
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         pool = EnginePool(a.socket, devices, a.per_device,
-                          worker_args=["--no-kernel-warmup"] if a.no_kernel_warmup else [])
+                          worker_args=(["--no-kernel-warmup"] if a.no_kernel_warmup else [])
+                          + (["--prepin-loader", a.prepin_loader] if a.prepin_loader else []))
         pool.serve()
     except KeyboardInterrupt:
         return 0

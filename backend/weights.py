@@ -105,6 +105,11 @@ def _load_converted(path: Path, device: torch.device, dtype: str) -> torch.nn.Mo
 
 
 # ---- through the per-host loader service (config parameter `loader_url`) -------------------------------------------
+# DRAM copies already mapped in this process (shm path -> ShmCheckpoint): a warm engine-pool worker started with
+# --prepin-loader maps and page-locks the loader's DRAM-resident models before its claim (backend/engine_worker.py).
+PREOPENED: dict[str, object] = {}
+
+
 def _loader_model_name(client, checkpoint: Path) -> str:
     """A converted folder is registered under its folder name plus a hash of its path (so two folders of the same
     name never collide); anything else is taken as the name of a model already registered at the loader."""
@@ -134,7 +139,14 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
             name = _loader_model_name(client, cfg.checkpoint)
             status = client.load(name)
         with _phase(phases, "index_read"):  # read the index and map the partitions
-            ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+            ckpt = PREOPENED.pop(status["shm_path"], None)  # mapped (and page-locked) by a warm pool worker
+            if ckpt is not None and ckpt.index.fingerprint != status.get("fingerprint"):
+                ckpt.close()  # the loader refilled that folder with another model since
+                ckpt = None
+            if ckpt is None:
+                ckpt = ShmCheckpoint(status["shm_path"], expect_fingerprint=status.get("fingerprint"))
+            else:
+                log.info("using the mapping of %s made before this load (page-locked: %s)", ckpt.path, ckpt.pinned)
         config = check_folder(ckpt.path, weights_glob="*.bin")
         torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
         experts_device = torch.device("cpu") if cfg.offload is not None else device

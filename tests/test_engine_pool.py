@@ -35,16 +35,17 @@ pytestmark = pytest.mark.e2e
 class Pool:
     """One ``python -m tritonmoe.backend.engine_pool`` process on a short socket path, its log in ``log``."""
 
-    def __init__(self, log: Path, per_device: int = 1):
+    def __init__(self, log: Path, per_device: int = 1, *extra: str):
         self.dir = Path(tempfile.mkdtemp(prefix="tmoe-pool-test-"))
         self.socket = str(self.dir / "pool.sock")
-        self.log, self.per_device = log, per_device
+        self.log, self.per_device, self.extra = log, per_device, extra
         self.proc = None
 
     def start(self) -> "Pool":
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket",
-                                          self.socket, "--devices", "cpu", "--per-device", str(self.per_device)],
+                                          self.socket, "--devices", "cpu", "--per-device", str(self.per_device),
+                                          *self.extra],
                                          stdout=f, stderr=subprocess.STDOUT)
         self.wait_warm()
         return self
@@ -262,6 +263,22 @@ def test_pool_with_the_loader_serves_the_same_tokens(pooled, tiny, reference, tm
         pid = pooled.pool.worker_of("pool_loader")
         client.unload_model("pool_loader")
         assert _gone(pid)
+
+        # --prepin-loader: warm workers map the loader's DRAM-resident models before a claim (and page-lock them
+        # on a GPU); a load of one of them uses that mapping and serves the same tokens
+        prepinned = Pool(tmp_path / "prepin-pool.log", 1, "--prepin-loader", loader.client.url).start()
+        try:
+            [warm] = [w["warm"] for w in prepinned.status()["workers"] if w["state"] == "warm"]
+            assert warm["prepinned"]["models"] == 1 and warm["prepinned"]["bytes"] > 0 and "prepin" in warm["phases"]
+            write_model(pooled.repo, "pool_prepinned", converted, loader_url=loader.client.url,
+                        engine_pool=prepinned.socket)
+            client.load_model("pool_prepinned")
+            assert generate(pooled.http_url, "pool_prepinned", PROMPTS[1], max_tokens=10,
+                            exclude_input_in_output=True)["text_output"] == text
+            assert "using the mapping of" in pooled.log_path.read_text()
+            client.unload_model("pool_prepinned")
+        finally:
+            prepinned.stop()
     finally:
         client.close()
         loader.stop()

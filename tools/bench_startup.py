@@ -11,6 +11,8 @@ up to four ways, each load followed by a one-token request and an unload:
   engine pool (torch, transformers, CUDA context and kernels loaded before the load; the stub imports no torch).
   Before each pool load the bench waits until the pool's replacement worker is warm (``pool_wait``, not counted):
   a load is measured against a pool in its steady state.
+- ``pool_pinned``: as ``pool``, from a second pool whose workers map and page-lock the loader's DRAM-resident
+  models before a claim (``tritonmoe-engine-pool --prepin-loader URL``), so the copy needs no page-locking on the way.
 
 By default the server runs with ``--disable-auto-complete-config`` (Triton's advice for secure deployments) and each
 load sends a complete config: with auto-complete on, Triton starts one extra stub process per load only to complete
@@ -49,7 +51,7 @@ from .tritonserver import TritonServer, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "startup_moe"
-PATHS = ("hf", "converted", "loader", "pool")
+PATHS = ("hf", "converted", "loader", "pool", "pool_pinned")
 
 
 def parse_args(argv):
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     converted = convert(hf, work / "converted", progress=False).dest
     say(f"converted:  {converted} ({time.perf_counter() - t:.1f}s)")
 
-    loader = shm = pool = None
+    loader = shm = None
+    pools: dict = {}
     result = {"command": sys.argv, "gb": nbytes / 1e9, "spec": spec.__dict__, "device": a.device, "gpu": gpu,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {},
               "auto_complete_config": a.auto_complete_config, "repeat": a.repeat}
     server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log",
                           extra_args=[] if a.auto_complete_config else ["--disable-auto-complete-config"])
     try:
-        if {"loader", "pool"} & set(a.paths):
+        if {"loader", "pool", "pool_pinned"} & set(a.paths):
             from tritonmoe.loader.client import LoaderClient
 
             shm = Path("/dev/shm") / f"tritonmoe-bench-startup-{os.getpid()}"
@@ -171,14 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             result["dram_fill_s"] = time.perf_counter() - t
             say(f"loader:     {url}, DRAM cache filled in {result['dram_fill_s']:.1f}s "
                 f"({nbytes / 1e9 / result['dram_fill_s']:.2f} GB/s)")
-        if "pool" in a.paths:
+        for path in ("pool", "pool_pinned"):
+            if path not in a.paths:
+                continue
             from tritonmoe.backend.engine_pool import pool_status
 
             t = time.perf_counter()
-            pool = spawn_pool("0" if a.device == "gpu" else "cpu", work / "engine-pool.log")
+            pools[path] = pool = spawn_pool("0" if a.device == "gpu" else "cpu", work / f"engine-{path}.log",
+                                            extra_args=["--prepin-loader", url] if path == "pool_pinned" else None)
             warm = [w["warm"] for w in pool_status(pool.socket)["workers"] if w["state"] == "warm"]
-            result["pool_warm"] = warm
-            say(f"pool:       {pool.socket}, first worker warm in {time.perf_counter() - t:.1f}s ("
+            result.setdefault("pool_warm", {})[path] = warm
+            say(f"{path + ':':11s} {pool.socket}, first worker warm in {time.perf_counter() - t:.1f}s ("
                 + ", ".join(f"{k} {v:.2f}s" for k, v in (warm[0]["phases"] if warm else {}).items())
                 + f"; log {pool.log_path})")
         server.start(timeout=120)
@@ -188,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def load_once(path: str) -> dict:
             params = {"checkpoint": str(hf if path == "hf" else converted), "dtype": "bfloat16"}
-            if path in ("loader", "pool"):
+            if path in ("loader", "pool", "pool_pinned"):
                 params.update(checkpoint=MODEL, loader_url=url)
             pool_wait = 0.0
-            if path == "pool":
-                params["engine_pool"] = pool.socket
-                pool_wait = wait_pool_warm(pool.socket)
+            if path in pools:
+                params["engine_pool"] = pools[path].socket
+                pool_wait = wait_pool_warm(pools[path].socket)
             config = with_overrides(base, parameters=params, kind=kind, gpus=[0] if kind == "KIND_GPU" else None)
             config["name"] = MODEL
             if not a.auto_complete_config:
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(server.http_url, MODEL, "def main():", max_tokens=1)
             t2 = time.perf_counter()
             run = {"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0, "phases": startup_phases(server)}
-            if path == "pool":
+            if path in pools:
                 run["pool_wait_s"] = pool_wait
             before = unloaded_count(server)
             unload_model(server.http_url, MODEL)
@@ -224,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs[path].append(run)
             say(f"  {'warm-up' if warmup else 'round ' + str((i - (not a.no_warmup)) // len(a.paths) + 1):8s} "
                 f"{path:9s} load {run['load_s']:7.2f}s  first token {run['first_token_s']:6.3f}s  "
-                f"total {run['total_s']:7.2f}s  phases " + ", ".join(f"{k} {v:.2f}s" for k, v in run["phases"].items()))
+                f"total {run['total_s']:7.2f}s  "
+                + (f"(waited {run['pool_wait_s']:.1f}s for a warm worker)  " if "pool_wait_s" in run else "")
+                + "phases " + ", ".join(f"{k} {v:.2f}s" for k, v in run["phases"].items()))
         for path, rs in runs.items():
             ordered = sorted(rs, key=lambda r: r["total_s"])
             result["paths"][path] = {"median": ordered[(len(ordered) - 1) // 2], "best": ordered[0], "runs": rs}
     finally:
         server.stop()
-        if pool is not None:
+        for pool in pools.values():
             stop_pool(pool)
         if loader is not None:
             loader.terminate()

@@ -211,7 +211,8 @@ def complete_config(config: dict) -> dict:
     return config
 
 
-def spawn_pool(devices: str, log_path: Path, per_device: int = 1, timeout: float = 600) -> subprocess.Popen:
+def spawn_pool(devices: str, log_path: Path, per_device: int = 1, timeout: float = 600,
+               extra_args: list[str] | None = None) -> subprocess.Popen:
     """An engine pool process (``--devices devices``) on a fresh socket, once its workers are warm. The process has
     ``.socket`` and ``.log_path``; :func:`stop_pool` ends it and removes its folder."""
     import tempfile
@@ -223,7 +224,7 @@ def spawn_pool(devices: str, log_path: Path, per_device: int = 1, timeout: float
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", str(socket_path),
-                                 "--devices", devices, "--per-device", str(per_device)],
+                                 "--devices", devices, "--per-device", str(per_device), *(extra_args or [])],
                                 stdout=subprocess.DEVNULL, stderr=log_file)
     proc.socket, proc.log_path, proc.folder = str(socket_path), log_path, folder
     want, deadline = per_device * len(parse_devices(devices)), time.monotonic() + timeout
