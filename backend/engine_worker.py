@@ -47,6 +47,7 @@ from .weights import load_for_serving  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _T_IMPORT
 OFFLOAD_METRICS_SECONDS = 1.0  # how often the expert cache's counters are exported
+STAGING_SLOTS = 16  # stream_reader_to_device's ring
 CONNECT_TIMEOUT = 60.0  # a claimed worker whose stub never connects exits after this long
 
 log = logging.getLogger("tritonmoe")
@@ -158,6 +159,15 @@ def warm_up(device: torch.device, kernels: bool = True) -> dict[str, float]:
             (x.to(dtype) @ x.to(dtype)).sum().item()
         torch.cuda.synchronize(device)
         phases["cuda_context"] = time.perf_counter() - t
+        # The loader path copies through a ring of pinned staging buffers (loader/device_copy.py, 16 x 64 MiB)
+        # unless the DRAM copy is page-locked; page-locking 1 GiB costs a fresh process ~0.7 s (docs/loader.md).
+        # Allocated and freed here, they stay in torch's caching host allocator and the load reuses them.
+        t = time.perf_counter()
+        from tritonmoe.loader.device_copy import DEFAULT_COPY_CHUNK
+
+        ring = [torch.empty(DEFAULT_COPY_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_SLOTS)]
+        del ring
+        phases["pinned_staging"] = time.perf_counter() - t
     if kernels:
         t = time.perf_counter()
         try:
