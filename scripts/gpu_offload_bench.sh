@@ -35,11 +35,23 @@ case " $STAGES " in *" train "*)
   done
 ;; esac
 case " $STAGES " in *" bench "*)
+  # 1. the offloader's host time per decode step (real layer x expert x top-k counts, tiny widths, the CUDA copy
+  #    engine and kernels): seconds per shape; 2. the full-size benchmark at 25% (BENCH_ARGS replaces the default).
   for shape in $SHAPES; do
     traces=$out/$shape.npz; [ -f "$traces" ] || traces=runs/routing/$shape.npz
+    tr_arg=; [ -f "$traces" ] && tr_arg="--traces $traces"
+    stage "host time: $shape (${tr_arg:-synthetic routing})"
+    timeout ${HOST_TIMEOUT:-90} python3 -m tritonmoe.tools.bench_offload --host-time --shape "$shape" $tr_arg \
+      --device cuda --dtype bfloat16 --batch 1 8 --budgets 25 --new-tokens 32 --warmup-tokens 4 --groups-b1 1 \
+      --groups-bn 1 --out "$out/host_time_$shape.json" 2>&1 | tee -a "$out/host_time.log"
+  done
+  for shape in $SHAPES; do
+    traces=$out/$shape.npz; [ -f "$traces" ] || traces=runs/routing/$shape.npz
+    if [ ! -f "$traces" ]; then echo "bench: $shape skipped: no $traces (carry runs/routing, or STAGES=train first)"; continue; fi
     stage "bench: $shape ($traces)"
-    timeout ${BENCH_TIMEOUT:-420} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
-      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench.log" | grep -v "^|"
+    timeout ${BENCH_TIMEOUT:-180} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
+      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lookahead --new-tokens 32 --groups-b1 1 --groups-bn 1 --warmup-tokens 4} \
+      2>&1 | tee -a "$out/bench.log" | grep -v "^|"
   done
 ;; esac
 stage done

@@ -157,19 +157,33 @@ def test_protected_slots_survive_the_rest_of_their_round():
 def test_prefetch_statistics():
     cache, _, stats = make_cache(2, "lru")
     queue = PrefetchQueue(cache, window=8)
-    # three prefetches for two free slots: one pump's prefetches never evict each other, so the third is refused
-    # (and what follows it dropped)
+    # three prefetches for two free slots: one pump's prefetches never evict each other, so the third waits
     queue.replace([(1, 0), (1, 1), (2, 2)])
     queue.pump()
-    assert len(queue) == 0 and stats.prefetches.tolist() == [0, 2, 0, 0] and (2, 2) not in cache
-    queue.replace([(2, 2)])  # a later pump evicts the least recent unused prefetch
-    queue.pump()
+    assert len(queue) == 1 and stats.prefetches.tolist() == [0, 2, 0, 0] and (2, 2) not in cache
+    queue.pump()  # the next pump evicts the least recent unused prefetch for it
+    assert len(queue) == 0
     assert stats.prefetches.tolist() == [0, 2, 1, 0] and (1, 0) not in cache and (1, 1) in cache
     assert stats.prefetches_wasted.tolist() == [0, 1, 0, 0]
     cache.acquire(2, [2]); cache.release()
     s = stats.as_dict()
     assert (s["hits"], s["prefetches_used"], s["prefetch_precision"], s["prefetch_recall"]) == (1, 1, 0.5, 1.0)
     assert s["prefetch_bytes"] == 3 * cache.store.layout.slot_bytes and s["demand_bytes"] == 0
+
+
+def test_refused_prefetch_is_skipped_not_the_rest():
+    """Activation-aware admission: a queued expert ranked below every evictable one is skipped, and the next in
+    the queue still goes in over the lowest victim."""
+    predictor = FakePredictor()
+    cache, _, stats = make_cache(2, "activation", predictor)
+    predictor.prediction[0] = [1, 0.5, 0, 0, 0, 0]
+    predictor.prediction[1] = [0, 0, 0, 0, 0, 10]
+    cache.acquire(0, [0, 1]); cache.release()
+    queue = PrefetchQueue(cache, window=1)
+    queue.replace([(3, 2), (1, 5)])  # (3, 2): predicted 0, refused; (1, 5) outranks (0, 1)
+    queue.pump()
+    assert (3, 2) not in cache and (1, 5) in cache and (0, 1) not in cache and (0, 0) in cache
+    assert stats.prefetches.tolist() == [0, 1, 0, 0] and len(queue) == 0
 
 
 def test_prefetch_window_limits_each_pump():

@@ -829,10 +829,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure the offloader's host time per decode step: the real layer x expert x top-k counts "
                    "with tiny widths, the offloader driven layer by layer without the model (runs on a CPU in "
                    "seconds); without --traces the routing is synthetic (SyntheticTraces)")
-    p.add_argument("--compute", choices=["compact", "real", "none"], default="compact",
-                   help="--host-time: the expert arithmetic. real: as the offloader does it (on a CPU, grouped_mm "
-                   "costs ~1 us per slot of the bank, used or not, which a GPU kernel launch does not); compact: "
-                   "the same kernels on a bank of only the slots used (default: the host work a GPU sees); none: "
+    p.add_argument("--compute", choices=["real", "compact", "none"], default="real",
+                   help="--host-time: the expert arithmetic. real (default): as the offloader does it; compact: the "
+                   "same kernels on a bank of only the slots used, even where the offloader would not gather (a "
+                   "CPU's grouped_mm costs ~1 us per slot of the bank, used or not; a GPU's launch does not); none: "
                    "a zero output (the bookkeeping alone)")
     a = p.parse_args(argv)
     if a.merge:

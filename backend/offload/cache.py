@@ -109,34 +109,54 @@ class ExpertCache:
         evictable expert above it (or all are protected)."""
         if key in self:
             return True
-        return self.prefetch_many(np.array([key[0]]), np.array([key[1]])) == 1
+        issued, _ = self.prefetch_many(np.array([key[0]]), np.array([key[1]]), 1)
+        return len(issued) == 1
 
-    def prefetch_many(self, layers: np.ndarray, experts: np.ndarray) -> int:
-        """Start loading the non-resident experts ``(layers[i], experts[i])``, most urgent first; returns how many
-        of them were issued: a prefix, up to the first that the eviction policy refuses (it ranks the expert it
-        would replace higher) or that finds no unprotected slot. Victims are chosen once for the batch, lowest
-        first, among the experts resident before the call: a batch's prefetches never evict one another."""
+    def prefetch_many(self, layers: np.ndarray, experts: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+        """Start loading up to ``limit`` of the non-resident experts ``(layers[i], experts[i])``, taken in their
+        order (most urgent first). A free slot takes any of them; otherwise one goes over the lowest remaining
+        victim if the eviction policy admits it there, else it is skipped (it ranks below every evictable expert
+        left) and the next is tried. Victims are chosen once for the batch, lowest first, among the experts
+        resident before the call: a batch's prefetches never evict one another. Returns the indices issued
+        and how many candidates were considered (a prefix: those after it were not looked at)."""
         n = len(layers)
-        if not n:
-            return 0
-        spare = [self._free.pop() for _ in range(min(n, len(self._free)))]
-        issued = len(spare)
-        if issued < n:
-            victims = self._lowest(n - issued, strict=False)
-            if len(victims):
-                ok = self.eviction.admits(layers[issued:issued + len(victims)],
-                                          experts[issued:issued + len(victims)],
-                                          self._layer[victims], self._expert[victims])
-                k = len(ok) if ok.all() else int(np.argmin(ok))  # up to the first refusal
-                if k:
-                    spare.extend(self._evict(victims[:k]).tolist())
-                    issued += k
-        if issued:
-            ls, es = layers[:issued], experts[:issued]
+        if not n or limit <= 0:
+            return np.zeros(0, dtype=np.int64), 0
+        free = min(limit, len(self._free), n)
+        victims = self._lowest(min(limit, n) - free, strict=False) if min(limit, n) > free else np.zeros(0, np.int64)
+        if not len(victims):  # free slots only: a prefix
+            chosen, considered = np.arange(free), free
+            spare = [self._free.pop() for _ in range(free)]
+        else:
+            # admission of every candidate over every victim, in one call; then a merge in urgency order
+            m = len(victims)
+            ok = self.eviction.admits(np.repeat(layers, m), np.repeat(experts, m), np.tile(self._layer[victims], n),
+                                      np.tile(self._expert[victims], n)).reshape(n, m)
+            chosen, taken, considered = [], [], n
+            f = 0
+            for i in range(n):
+                if f < free:
+                    chosen.append(i)
+                    f += 1
+                elif ok[i, len(taken)]:
+                    chosen.append(i)
+                    taken.append(len(taken))
+                    if len(taken) == m:
+                        considered = i + 1
+                        break
+                if len(chosen) == limit:
+                    considered = i + 1
+                    break
+            spare = [self._free.pop() for _ in range(f)]
+            if taken:
+                spare.extend(self._evict(victims[:len(taken)]).tolist())
+            chosen = np.asarray(chosen, dtype=np.int64)
+        if len(chosen):
+            ls, es = layers[chosen], experts[chosen]
             self._load(ls, es, np.asarray(spare, dtype=np.int64), urgent=False)
             self._unused_prefetch[ls, es] = True
             np.add.at(self.stats.prefetches, ls, 1)
-        return issued
+        return chosen, considered
 
     def _lowest(self, n: int, strict: bool = True) -> np.ndarray:
         """Slots of the ``n`` evictable experts the policy values least, in eviction order (fewer when fewer are

@@ -89,20 +89,17 @@ class PrefetchQueue:
         return len(self._layers)
 
     def pump(self) -> None:
-        """Issue queued prefetches while the window has room, skipping resident ones. Drops the rest at the first
-        one the cache refuses: they rank lower still."""
+        """Issue queued prefetches while the window has room, skipping resident ones and ones the cache refuses
+        (they rank below every expert they could replace; the ones after them may not)."""
         if not len(self._layers):
             return
         room = self._window - self._cache.engine.prefetches_in_flight()
         if room <= 0:
             return
         absent = np.flatnonzero(~self._cache.resident_mask[self._layers, self._experts])
-        take = absent[:room]
-        issued = self._cache.prefetch_many(self._layers[take], self._experts[take])
-        if issued < len(take):
+        _, considered = self._cache.prefetch_many(self._layers[absent], self._experts[absent], room)
+        if considered >= len(absent):  # everything was issued, refused or found resident
             self._layers, self._experts = _empty_plan()
-            return
-        if len(absent) <= room:  # everything was issued or found resident
-            self._layers, self._experts = _empty_plan()
-        else:  # what follows the last one issued stays queued
-            self._layers, self._experts = self._layers[take[-1] + 1:], self._experts[take[-1] + 1:]
+        else:  # what follows the last one considered stays queued
+            cut = absent[considered]
+            self._layers, self._experts = self._layers[cut:], self._experts[cut:]
