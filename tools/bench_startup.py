@@ -9,8 +9,8 @@ up to four ways, each load followed by a one-token request and an unload:
 - ``loader``: ``loader_url`` set: weights copied from the loader's shared-memory DRAM cache;
 - ``pool``: ``loader_url`` and ``engine_pool`` set: the same weights moved into an already-running worker of a warm
   engine pool (torch, transformers, CUDA context and kernels loaded before the load; the stub imports no torch).
-  Before each pool load the bench waits until the pool's replacement worker is warm (``pool_wait``, not counted):
-  a load is measured against a pool in its steady state.
+  Before every load the bench waits until each pool's replacement worker is warm (``pool_wait``, not counted): a
+  load is measured against pools in their steady state, with no worker warming up beside it.
 - ``pool_pinned``: as ``pool``, from a second pool whose workers map and page-lock the loader's DRAM-resident
   models before a claim (``tritonmoe-engine-pool --prepin-loader URL``), so the copy needs no page-locking on the way.
 
@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             params = {"checkpoint": str(hf if path == "hf" else converted), "dtype": "bfloat16"}
             if path in ("loader", "pool", "pool_pinned"):
                 params.update(checkpoint=MODEL, loader_url=url)
-            pool_wait = 0.0
+            # every pool back to its warm count first: a replacement still warming up (importing torch) would
+            # compete with the load being measured, whichever path it takes
+            pool_wait = sum(wait_pool_warm(pool.socket) for pool in pools.values())
             if path in pools:
                 params["engine_pool"] = pools[path].socket
-                pool_wait = wait_pool_warm(pools[path].socket)
             config = with_overrides(base, parameters=params, kind=kind, gpus=[0] if kind == "KIND_GPU" else None)
             config["name"] = MODEL
             if not a.auto_complete_config:
