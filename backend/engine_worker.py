@@ -334,6 +334,9 @@ class Worker:
             outbox.put(("out", (seq_id, "", 0, 0, True, "invalid", str(e), None, None, ())))
         except RuntimeError as e:  # engine shutting down
             outbox.put(("out", (seq_id, "", 0, 0, True, "unavailable", str(e), None, None, ())))
+        except Exception as e:  # a bug must end this request, not the worker and every other request with it
+            log.exception("%s: submitting %s failed", self.tag, seq_id)
+            outbox.put(("out", (seq_id, "", 0, 0, True, "error", f"{type(e).__name__}: {e}", None, None, ())))
 
     def serve(self) -> None:
         try:
