@@ -5,8 +5,8 @@
 #
 # On the lent GPU machine (kind nvidia-h200-x2), after scripts/gpu_payload.sh built .gpu/ here (carry [".gpu"]):
 #   bash scripts/gpu_router_bench.sh                     # about 7 minutes, checkpoint creation included
-# Knobs (environment): MODELS (6), MODEL_GB (2.5), REQUESTS (80), MEAN_GAP (1.2 s), CV (2), KEEP_ALIVE (15 s),
-# MAX_MODELS (2 per server), MAX_TOKENS (64), POLICIES (locality,random,round_robin; locality+migration is
+# Knobs (environment): MODELS (6), MODEL_GB (2.5), REQUESTS (60: a 76 s trace), MEAN_GAP (1.0 s), CV (2),
+# KEEP_ALIVE (20 s), MAX_MODELS (3 per server), MAX_TOKENS (64), POLICIES (locality,random,round_robin; locality+migration is
 # locality with placement-driven migration), BENCH_TIMEOUT (480 s; results are written after every policy).
 # On a machine without a GPU (the CPU check: tiny models, same path): DEVICE=cpu bash scripts/gpu_router_bench.sh
 set -u
@@ -18,7 +18,7 @@ if [ "$DEVICE" = gpu ]; then
   source scripts/gpu_env.sh
   PY=python3
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-  defaults=(6 2.5 80 1.2 15 2 64 2)
+  defaults=(6 2.5 60 1.0 20 3 64 2)
 else
   # the CPU check: this checkout's .venv (or the python on PATH), tiny models, two CPU servers
   PY=${PYTHON:-.venv/bin/python}; [ -x "$PY" ] || PY=python3
