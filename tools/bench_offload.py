@@ -756,6 +756,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
     steps = max(1, len(host))
     return {"host_ms_per_token": 1e3 * sum(host) / steps, "host_ms_per_layer": 1e3 * sum(host) / steps / L,
             "host_ms_per_token_median": 1e3 * statistics.median(host) if host else 0.0,
+            "host_ms_per_token_p25": 1e3 * float(np.percentile(host, 25)) if host else 0.0,
             "wall_ms_per_token": 1e3 * sum(wall) / steps, "decode_steps": len(host),
             **{f"decode_{key}": v for key, v in rates.items()},
             "decode_uses_per_step": dec_stats["uses"] / steps, "decode_misses_per_step": dec_stats["misses"] / steps,
@@ -771,11 +772,13 @@ def main_host_time(a, argv) -> int:
         a.device = "cpu"
     if a.dtype == "bfloat16" and a.device == "cpu":
         a.dtype = "float32"
+    if a.device == "cpu":
+        torch.set_num_threads(1)  # the host work is one thread's; intra-op threads only add contention noise
     env = {"command": "python -m tritonmoe.tools.bench_offload " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__, "device": a.device,
-           "dtype": a.dtype}
+           "dtype": a.dtype, "torch_threads": torch.get_num_threads()}
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(json.dumps(env))
     results = []

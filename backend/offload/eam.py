@@ -170,15 +170,18 @@ class ActivationPredictor:
         best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
             np.broadcast_to(np.arange(k), sims.shape)
         # an entry sharing no expert tells nothing; sorted, so equal sets compare equal
-        chosen = tuple(tuple(sorted(b[s[b] > 0].tolist())) for b, s in zip(best, sims))
+        chosen = [tuple(sorted(b[s[b] > 0].tolist())) for b, s in zip(best, sims)]
         if chosen == self._chosen:
             return  # the same best matches: the same prediction
+        if self._chosen is None:
+            self._parts = [None] * len(chosen)
+        for i, c in enumerate(chosen):  # a sequence's share changes only with its own best matches
+            if self._chosen is None or c != self._chosen[i]:
+                self._parts[i] = _row_normalised(self._stored[list(c)].sum(axis=0)) if c else None
         self._chosen = chosen
-        prediction = np.zeros_like(self.prediction)
-        for c in chosen:
-            if c:
-                prediction += _row_normalised(self._stored[list(c)].sum(axis=0))
-        self.prediction = prediction
+        parts = [p for p in self._parts if p is not None]
+        self.prediction = (parts[0].copy() if len(parts) == 1 else np.sum(parts, axis=0)) if parts else \
+            np.zeros_like(self.prediction)
         self.version += 1
 
     def prefetch_plan(self, layer: int, exclude: np.ndarray | None = None,
