@@ -302,3 +302,43 @@ def test_workers_exit_when_their_server_dies(tiny, tmp_path):
     finally:
         server.stop()
         pool.stop()
+
+
+def test_pool_reports_workers_that_cannot_warm_up(tmp_path):
+    """A device the workers cannot use (a GPU on a machine without one): the pool keeps running, backs off, says
+    why on --status, and a claim for it fails with the workers' own error instead of waiting forever."""
+    from tritonmoe.backend.engine_pool import claim_worker
+
+    folder = Path(tempfile.mkdtemp(prefix="tmoe-pool-test-"))
+    socket_path = str(folder / "pool.sock")
+    log = tmp_path / "pool.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path,
+                                 "--devices", "cuda:0", "--no-kernel-warmup"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if pool_status(socket_path)["last_error"].get("cuda:0"):
+                    break
+            except PoolError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        r = subprocess.run([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path,
+                            "--status"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and json.loads(r.stdout)["warm"] == {"cuda:0": 0}
+        with pytest.raises(PoolError, match=r"no warm worker for cuda:0 within 2s .*last failure: cuda:0: "):
+            claim_worker(socket_path, "cuda:0", "m", timeout=2)
+        with pytest.raises(PoolError, match="it keeps workers for cuda:0, not for cpu"):
+            claim_worker(socket_path, "cpu", "m", timeout=2)
+        assert "failed to warm up" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not Path(socket_path).exists() and not Path(socket_path + ".key").exists()  # the pool cleaned up
+    shutil.rmtree(folder, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path, "--status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach the engine pool" in r.stderr
