@@ -33,6 +33,8 @@ class ExpertCache:
         self.num_slots = num_slots
         self.pool = torch.empty((num_slots, store.layout.slot_bytes), dtype=torch.uint8, device=device)
         self.views = store.layout.views(self.pool)  # name -> [num_slots, *shape]
+        # the same bytes as 8-byte words for gathers (layouts pad slots to 4 KiB; any other size stays bytes)
+        self.pool_words = self.pool.view(torch.int64) if store.layout.slot_bytes % 8 == 0 else self.pool
         self.eviction = eviction
         self.stats = stats
         self.engine = engine

@@ -175,7 +175,9 @@ class Offloader:
             # compact bank: group i = the round's expert i; one upload carries the slots and the pairs' groups
             slot_of[experts] = np.arange(n)
             both = _upload(np.concatenate([slots, slot_of[pair_experts]]), device)
-            bank = self.store.layout.views(torch.index_select(self.cache.pool, 0, both[:n]))
+            # gathered as 8-byte words where the slot size allows: a uint8 gather moves one byte per element
+            words = torch.index_select(self.cache.pool_words, 0, both[:n])
+            bank = self.store.layout.views(words.view(torch.uint8))
             out = weighted_pair_outputs(module, bank, pair_inputs, both[n:], pair_weights, used_slots=n)
         elif hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
             out = weighted_pair_outputs(module, self.cache.views, pair_inputs,
