@@ -125,13 +125,24 @@ class Router:
         return StreamSession(self.manager, model, prompt, sampling, self.sessions)
 
     async def _collect(self, session: StreamSession):
-        """Run a whole request: (text, token ids, last delta)."""
+        """Run a whole (non-streaming) request and record it: (text, token ids, last delta)."""
+        t0 = time.monotonic()
         text, ids, last = [], [], None
-        async for d in session.run():
-            text.append(d.text)
-            ids.extend(d.token_ids)
-            last = d
+        try:
+            async for d in session.run():
+                text.append(d.text)
+                ids.extend(d.token_ids)
+                last = d
+        except RouterError:
+            self._record(session, t0, None, "error")
+            raise
+        self._record(session, t0, None, "ok")
         return "".join(text), ids, last
+
+    @staticmethod
+    def _usage(last) -> dict:
+        return {"prompt_tokens": last.num_input_tokens, "completion_tokens": last.num_output_tokens,
+                "total_tokens": last.num_input_tokens + last.num_output_tokens}
 
     async def _first(self, gen):
         """The first delta, so errors before it become an HTTP status instead of a broken event stream."""
@@ -223,13 +234,7 @@ class Router:
         body = await self._body(request)
         model, prompt, sampling = self._triton_request(request, body)
         session = self._session(model, prompt, sampling)
-        t0 = time.monotonic()
-        try:
-            text, ids, last = await self._collect(session)
-        except RouterError:
-            self._record(session, t0, None, "error")
-            raise
-        self._record(session, t0, None, "ok")
+        text, ids, last = await self._collect(session)
         if not body.get("exclude_input_in_output"):
             text = prompt + text
         return web.json_response(self._triton_event(model, last, text, ids), headers={"X-Request-Id": session.id})
@@ -265,18 +270,11 @@ class Router:
 
         if body.get("stream"):
             return await self._sse(request, session, chunk, "data: [DONE]\n\n")
-        t0 = time.monotonic()
-        try:
-            text, ids, last = await self._collect(session)
-        except RouterError:
-            self._record(session, t0, None, "error")
-            raise
-        self._record(session, t0, None, "ok")
+        text, ids, last = await self._collect(session)
         return web.json_response({
             "id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
-            "usage": {"prompt_tokens": last.num_input_tokens, "completion_tokens": last.num_output_tokens,
-                      "total_tokens": last.num_input_tokens + last.num_output_tokens}})
+            "usage": self._usage(last)})
 
     @staticmethod
     def chat_prompt(messages) -> str:
@@ -309,19 +307,12 @@ class Router:
 
         if body.get("stream"):
             return await self._sse(request, session, chunk, "data: [DONE]\n\n")
-        t0 = time.monotonic()
-        try:
-            text, ids, last = await self._collect(session)
-        except RouterError:
-            self._record(session, t0, None, "error")
-            raise
-        self._record(session, t0, None, "ok")
+        text, ids, last = await self._collect(session)
         return web.json_response({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": last.finish_reason}],
-            "usage": {"prompt_tokens": last.num_input_tokens, "completion_tokens": last.num_output_tokens,
-                      "total_tokens": last.num_input_tokens + last.num_output_tokens}})
+            "usage": self._usage(last)})
 
     async def h_models(self, request):
         return web.json_response({"object": "list", "data": [

@@ -78,11 +78,10 @@ def _request(url: str, body, token: str | None, method: str | None = None):
     return urllib.request.Request(url, data=data, headers=headers, method=method)
 
 
-def call(url: str, body=None, token: str | None = None, method: str | None = None, timeout: float = 300) -> dict:
-    """JSON request -> JSON answer; HTTPError carries the router's 'error' message."""
+def _open(request: urllib.request.Request, timeout: float):
+    """urlopen, with an HTTP error status raised as HTTPError carrying the router's 'error' message."""
     try:
-        with urllib.request.urlopen(_request(url, body, token, method), timeout=timeout) as r:
-            return _json.loads(r.read() or b"{}")
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         text = e.read().decode(errors="replace")
         try:
@@ -90,21 +89,18 @@ def call(url: str, body=None, token: str | None = None, method: str | None = Non
         except ValueError:
             pass
         raise HTTPError(e.code, text) from None
+
+
+def call(url: str, body=None, token: str | None = None, method: str | None = None, timeout: float = 300) -> dict:
+    """JSON request -> JSON answer; HTTPError carries the router's 'error' message."""
+    with _open(_request(url, body, token, method), timeout) as r:
+        return _json.loads(r.read() or b"{}")
 
 
 def stream(url: str, body, token: str | None = None, timeout: float = 300, on_open=None):
     """Server-sent events of a streaming request: yields each event's JSON (``[DONE]`` ends it). ``on_open``
     gets the response headers (the router's X-Request-Id) before the first event."""
-    try:
-        r = urllib.request.urlopen(_request(url, body, token), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            text = _json.loads(text).get("error", text)
-        except ValueError:
-            pass
-        raise HTTPError(e.code, text) from None
-    with r:
+    with _open(_request(url, body, token), timeout) as r:
         if on_open is not None:
             on_open(r.headers)
         for raw in r:

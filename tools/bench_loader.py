@@ -448,12 +448,9 @@ def gpu_main(a) -> int:
     ceiling = host_to_gpu_pinned()
     print(f"host->GPU pinned ceiling (1 GiB copies): {ceiling:.1f} GB/s")
     print("| case | seconds | GB/s | note |\n| --- | --- | --- | --- |")
-    if a.only_service:  # a second run for the loader-service rows alone (same checkpoint, same machine)
-        run_case("model: transformers from_pretrained(device_map=cuda), warm", "model", hf_from_pretrained,
-                 warm_all(shards), 1)
-        shm_fill()
-        run_case("model: ours load_hf_model_from_shm(cuda), DRAM cache, staged", "model", ours_model,
-                 lambda: None, 1)
+
+    def service_rows_and_json() -> int:
+        """The loader-service rows (after the DRAM copy made here is removed), then the JSON file."""
         dram_cache.remove(shm / "bench")
         service_rows(a, converted, shm, size, run_case, record, dev)
         if a.json:
@@ -461,6 +458,14 @@ def gpu_main(a) -> int:
                                           "gpu": torch.cuda.get_device_name(0), "cold": how_cold["mode"],
                                           "bytes": size, "ceiling_gbps": ceiling, "results": results}, indent=1))
         return 0
+
+    if a.only_service:  # a second run for the loader-service rows alone (same checkpoint, same machine)
+        run_case("model: transformers from_pretrained(device_map=cuda), warm", "model", hf_from_pretrained,
+                 warm_all(shards), 1)
+        shm_fill()
+        run_case("model: ours load_hf_model_from_shm(cuda), DRAM cache, staged", "model", ours_model,
+                 lambda: None, 1)
+        return service_rows_and_json()
     cold()
     record("disk: dd bs=64M iflag=direct, cold", "disk", dd(True), how_cold["mode"])
     cold()
@@ -491,39 +496,19 @@ def gpu_main(a) -> int:
         run_case("model: transformers from_pretrained(device_map=cuda), warm", "model", hf_from_pretrained,
                  warm_all(shards), 1)
         run_case("model: ours load_hf_model_from_shm(cuda), DRAM cache", "model", ours_model, lambda: None, 1)
-    dram_cache.remove(shm / "bench")
-    service_rows(a, converted, shm, size, run_case, record, dev)
-    if a.json:
-        a.json.write_text(json.dumps({"command": " ".join(command), "machine": machine(),
-                                      "gpu": torch.cuda.get_device_name(0), "cold": how_cold["mode"],
-                                      "bytes": size, "ceiling_gbps": ceiling, "results": results}, indent=1))
-    return 0
+    return service_rows_and_json()
 
 
 def service_rows(a, converted: Path, shm: Path, size: int, run_case, record, dev) -> None:
     """The real loader service (a subprocess started with --gpu-copy): its DRAM fill and page-locking, then this
     process -- a fresh backend -- has it copy the whole checkpoint into buffers allocated here (CUDA IPC)."""
-    import socket
-
-    from tritonmoe.loader.client import LoaderClient, LoaderError
     from tritonmoe.loader.hf_model import load_hf_model_from_shm
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = open(a.dir / "loader-service.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(a.dir / "service"),
-                             "--dram-budget", str(int(size * 1.5)), "--disk-budget", "1GiB", "--port", str(port),
-                             "--shm-dir", str(shm / "service"), "--gpu-copy", "--threads", str(a.threads),
-                             "--chunk-mb", str(a.chunk_mb), "--no-verify"], stdout=log, stderr=subprocess.STDOUT)
-    client = LoaderClient(f"http://127.0.0.1:{port}")
+    proc, client = start_service(a.dir / "service", shm / "service", int(size * 1.5),
+                                 ["--gpu-copy", "--threads", str(a.threads), "--chunk-mb", str(a.chunk_mb),
+                                  "--no-verify"], log)
     try:
-        for _ in range(600):
-            try:
-                client.health()
-                break
-            except LoaderError:
-                time.sleep(0.1)
         client.register("bench", converted)
         evict([converted / partition_file_name(i) for i in range(len(read_index(converted).partitions))])
         t = time.perf_counter()
@@ -563,7 +548,10 @@ def service_rows(a, converted: Path, shm: Path, size: int, run_case, record, dev
         shutil.rmtree(shm / "service", ignore_errors=True)
 
 
-def ipc_bits_equal(a, conv: Path, shm: Path, src: dict) -> bool:
+def start_service(root: Path, shm_dir: Path, dram_budget, extra: list[str], log=None):
+    """A loader service with ``extra`` flags on a free loopback port, output to ``log`` (a file, DEVNULL, or None:
+    this process's): (process, client), once it answers (or after a minute: the caller's first request then fails
+    with the reason)."""
     import socket
 
     from tritonmoe.loader.client import LoaderClient, LoaderError
@@ -571,17 +559,22 @@ def ipc_bits_equal(a, conv: Path, shm: Path, src: dict) -> bool:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(a.dir / "check-svc"),
-                             "--dram-budget", "1GiB", "--disk-budget", "1GiB", "--port", str(port), "--shm-dir",
-                             str(shm / "check-svc"), "--gpu-copy"])
+    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(root), "--dram-budget",
+                             str(dram_budget), "--disk-budget", "1GiB", "--port", str(port), "--shm-dir", str(shm_dir),
+                             *extra], stdout=log, stderr=subprocess.STDOUT if log is not None else None)
     client = LoaderClient(f"http://127.0.0.1:{port}")
+    for _ in range(600):
+        try:
+            client.health()
+            break
+        except LoaderError:
+            time.sleep(0.1)
+    return proc, client
+
+
+def ipc_bits_equal(a, conv: Path, shm: Path, src: dict) -> bool:
+    proc, client = start_service(a.dir / "check-svc", shm / "check-svc", "1GiB", ["--gpu-copy"])
     try:
-        for _ in range(600):
-            try:
-                client.health()
-                break
-            except LoaderError:
-                time.sleep(0.1)
         client.register("tiny", conv)
         with client.ensure_loaded("tiny") as ck:
             gpu = ck.to_device("cuda:0", method="loader")
@@ -660,29 +653,13 @@ def memory_child(case: str, where: str) -> None:
 
 
 def memory_main(a) -> int:
-    import socket
-
-    from tritonmoe.loader.client import LoaderClient, LoaderError
-
     hf = make_mixtral_checkpoint(a.dir / "hf-mixtral", a.gb, a.shards)
     converted = convert(hf, a.dir / "converted-mixtral", progress=False).dest
     size = read_index(converted).total_bytes
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     shm = Path(a.shm_dir) / "memory"
-    proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(a.dir / "mem-svc"),
-                             "--dram-budget", str(2 * size), "--disk-budget", "1GiB", "--port", str(port),
-                             "--shm-dir", str(shm)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = LoaderClient(f"http://127.0.0.1:{port}")
+    proc, client = start_service(a.dir / "mem-svc", shm, 2 * size, [], subprocess.DEVNULL)
     rows = []
     try:
-        for _ in range(600):
-            try:
-                client.health()
-                break
-            except LoaderError:
-                time.sleep(0.1)
         client.register("m", converted)
         client.load("m")
         for case, where in (("transformers", hf), ("reader", converted), ("loader", f"{client.url}/m")):
