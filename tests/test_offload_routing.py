@@ -100,3 +100,51 @@ def test_benchmark_harness_replays_traces_through_every_policy(traces, tmp_path,
             assert r["decode_prefetch_bytes_per_step"] == 0 and r["decode_prefetch_precision"] == 0.0
         if r["policy"] == "activation":
             assert r["eamc_entries"] == min(8, (t.split == "eamc").sum()) > 0  # EAMC capacity 8
+
+
+@pytest.mark.parametrize("shape", ["dsv2lite", "qwen3"])
+def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_path, shape):
+    """``--host-time``: the offloader alone, layer by layer, with the trace's routing; every policy reports host
+    time per token and per layer, and counters that add up; ``--prediction`` reports precisions in [0, 1]."""
+    import json
+
+    from tritonmoe.tools import bench_offload
+
+    t, _, cfg = traces
+    out = tmp_path / "host.json"
+    bench_offload.main(["--host-time", "--device", "cpu", "--shape", shape, "--traces", str(t.path),
+                        "--new-tokens", "3", "--warmup-tokens", "1", "--budgets", "25", "--batch", "1", "2",
+                        "--groups-b1", "1", "--eamc-capacity", "8", "--out", str(out)])
+    results = json.load(open(out))["results"]
+    assert {(r["policy"], r["batch"]) for r in results} == {(p, b) for p in bench_offload.POLICIES for b in (1, 2)}
+    for r in results:
+        assert r["decode_steps"] == 3 and r["layers"] == cfg.layers and r["top_k"] == cfg.top_k
+        assert r["host_ms_per_token"] > 0 and r["host_ms_per_layer"] == pytest.approx(r["host_ms_per_token"] / cfg.layers)
+        assert r["wall_ms_per_token"] >= r["host_ms_per_token"] and 0.0 <= r["decode_hit_rate"] <= 1.0
+        assert cfg.top_k <= r["decode_uses_per_step"] / cfg.layers <= r["batch"] * cfg.top_k
+        if r["policy"] in ("lru", "lfu"):
+            assert r["decode_prefetches_per_step"] == 0
+    bench_offload.main(["--host-time", "--prediction", "--device", "cpu", "--shape", shape, "--traces", str(t.path),
+                        "--new-tokens", "3", "--eamc-capacity", "8", "--out", str(out)])
+    pred = json.load(open(out))["env"][f"prediction_{shape}"]
+    assert set(pred) == {"precision_at_k_eamc", "precision_at_k_popularity", "precision_at_k_own_history"}
+    assert all(0.0 <= v <= 1.0 for v in pred.values())
+
+
+def test_synthetic_traces_have_the_shape_and_clusters_in_both_splits():
+    from tritonmoe.tools.bench_offload import SyntheticTraces
+
+    t = SyntheticTraces(layers=4, num_experts=16, top_k=3, requests=24, prompt_len=20, gen_len=5, clusters=8)
+    assert t.experts.shape == (24, 4, 25, 3) and t.lookahead.shape == (24, 3, 5, 3)
+    assert (np.diff(t.experts.astype(int), axis=-1) > 0).all() and t.experts.max() < 16
+    assert (t.lookahead_prefill.sum(axis=-1) == 20 * 3).all()
+    clusters = np.arange(24) % 8
+    assert set(clusters[t.split == "eval"]) == set(clusters[t.split == "eamc"]) == set(range(8))
+    # requests of one cluster share preferences: their decode EAMs are closer than other clusters'
+    eams = np.stack([t.eam(r)[1].ravel() for r in range(24)]).astype(float)
+    eams /= np.linalg.norm(eams, axis=1, keepdims=True)
+    sims = eams @ eams.T
+    same = clusters[:, None] == clusters[None, :]
+    np.fill_diagonal(same, False)
+    other = clusters[:, None] != clusters[None, :]
+    assert sims[same].mean() > sims[other].mean()

@@ -697,6 +697,50 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
     return results
 
 
+def prediction_precision(traces: Traces, gen_len: int = 32, capacity: int = 120, top_matches: int = 4,
+                         requests: int = 8) -> dict:
+    """How well the next layer's experts are predicted, apart from any cache: at every decode layer ``l`` of the
+    first ``requests`` eval requests, the top-k experts of layer ``l + 1`` by (a) the offloader's EAMC prediction
+    (the EAMC filled from the ``eamc`` requests, as in the benchmark), (b) global popularity (decode uses over the
+    ``eamc`` requests), (c) the request's own decode so far; precision@k = share of the k picked that the token
+    really used."""
+    from tritonmoe.backend.offload.eam import ActivationPredictor, ActivationTracer
+
+    L, E, k, P = traces.layers, traces.num_experts, traces.top_k, traces.prompt_len
+    coll = EAMCollection(capacity, L, E)
+    eamc_eams = [traces.eam(r, gen_len) for r in traces.indices("eamc")]
+    for eam in eamc_eams:
+        coll.add(eam)
+    popularity = np.sum([eam[1] for eam in eamc_eams], axis=0)
+    predictor, tracer = ActivationPredictor(coll, top_matches), ActivationTracer(L, E)
+    hits = {"eamc": [], "popularity": [], "own_history": []}
+
+    def top(row):
+        return set(np.argsort(-row, kind="stable")[:k].tolist())
+
+    for r in traces.indices("eval")[:requests]:
+        sid = f"r{r}"
+        tracer.begin_forward([sid], "prefill")
+        for layer in range(L):
+            tracer.record(layer, np.bincount(traces.experts[r, layer, :P].astype(np.int64).ravel(), minlength=E)[None])
+        for t in range(min(gen_len, traces.gen_len)):
+            eams = tracer.begin_forward([sid], "decode")
+            predictor.begin_forward(eams, "decode")
+            history = eams[0].copy()  # the decode before this token
+            for layer in range(L):
+                tracer.record(layer, np.bincount(traces.experts[r, layer, P + t].astype(np.int64), minlength=E)[None])
+                predictor.observe(layer)
+                if layer + 1 == L:
+                    continue
+                used = set(traces.experts[r, layer + 1, P + t].tolist())
+                hits["eamc"].append(len(used & top(predictor.prediction[layer + 1])) / k)
+                hits["popularity"].append(len(used & top(popularity[layer + 1])) / k)
+                if t:
+                    hits["own_history"].append(len(used & top(history[layer + 1])) / k)
+        tracer.finish(sid)
+    return {f"precision_at_k_{name}": float(np.mean(v)) for name, v in hits.items()}
+
+
 def full_size_prefetch_window(shape: str) -> int:
     """The offloader's prefetch window for the full-size model's bf16 experts (built on the meta device)."""
     import transformers as tf
@@ -796,6 +840,11 @@ def main_host_time(a, argv) -> int:
             traces = SyntheticTraces(layers, experts, top_k, gen_len=max(a.new_tokens, 1))
         log(f"[{shape}] {traces.layers} MoE layers x {traces.num_experts} experts, top-{traces.top_k}; routing: "
             f"{a.traces[i] if a.traces else 'synthetic'}")
+        if a.prediction:
+            env[f"prediction_{shape}"] = prediction_precision(traces, a.new_tokens, a.eamc_capacity)
+            log(f"  next-layer top-k precision (no cache): {json.dumps(env[f'prediction_{shape}'])}")
+            save(results)
+            continue
         done = list(results)
         results = done + host_time(argparse.Namespace(**{**vars(a), "shape": shape}), traces, log,
                                    save=lambda rs: save(done + rs))
@@ -837,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
                    "same kernels on a bank of only the slots used, even where the offloader would not gather (a "
                    "CPU's grouped_mm costs ~1 us per slot of the bank, used or not; a GPU's launch does not); none: "
                    "a zero output (the bookkeeping alone)")
+    p.add_argument("--prediction", action="store_true", help="--host-time: instead, report how well the next "
+                   "layer's experts are predicted by the EAMC, by popularity and by the request's own decode so far")
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out, a.plot_prefix)
