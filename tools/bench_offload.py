@@ -808,16 +808,24 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
 
 
 def main_host_time(a, argv) -> int:
-    from tritonmoe.tools.train_routing import SHAPES
-
     if not a.shape or (a.traces and len(a.traces) != len(a.shape)):
         raise SystemExit("--host-time: give --shape (and optionally one --traces per --shape)")
     if a.device == "cuda" and not torch.cuda.is_available():
         a.device = "cpu"
     if a.dtype == "bfloat16" and a.device == "cpu":
         a.dtype = "float32"
+    threads = torch.get_num_threads()
     if a.device == "cpu":
         torch.set_num_threads(1)  # the host work is one thread's; intra-op threads only add contention noise
+    try:
+        return _main_host_time(a, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main_host_time(a, argv) -> int:
+    from tritonmoe.tools.train_routing import SHAPES
+
     env = {"command": "python -m tritonmoe.tools.bench_offload " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
