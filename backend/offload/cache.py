@@ -126,9 +126,12 @@ class ExpertCache:
             return np.zeros(0, dtype=np.int64), 0
         free = min(limit, len(self._free), n)
         victims = self._lowest(min(limit, n) - free, strict=False) if min(limit, n) > free else np.zeros(0, np.int64)
-        if not len(victims):  # free slots only: a prefix
-            chosen, considered = np.arange(free), free
+        if not len(victims) or getattr(self.eviction, "always_admits", False):  # a prefix: free slots, victims
+            considered = free + len(victims)
+            chosen = np.arange(considered)
             spare = [self._free.pop() for _ in range(free)]
+            if len(victims):
+                spare.extend(self._evict(victims).tolist())
         else:
             # admission of every candidate over every victim, in one call; then a merge in urgency order
             m = len(victims)

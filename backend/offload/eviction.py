@@ -45,6 +45,8 @@ class EvictionPolicy(Protocol):
 
 
 class LRUEviction:
+    always_admits = True  # a prefetch may replace any victim
+
     def on_use(self, layer: int, experts: np.ndarray) -> None:
         pass
 
@@ -57,6 +59,8 @@ class LRUEviction:
 
 class LFUEviction:
     """Fewest uses first. Counts belong to the expert and survive its eviction, as MoE-Infinity's visit counts do."""
+
+    always_admits = True
 
     def __init__(self):
         self.uses = np.zeros((0, 0), dtype=np.int64)  # [layer, expert], grown on demand
@@ -95,6 +99,7 @@ class ActivationAwareEviction:
     is admitted only over a victim of lower score, so predictions never evict what they rank higher."""
 
     EPS = 1e-6
+    always_admits = False
 
     def __init__(self, predictor):
         self._predictor = predictor
