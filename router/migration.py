@@ -87,6 +87,7 @@ class StreamSession:
         self.handover_at: list[int] = []  # token positions where a migration's source was stopped
         self.migration_log: list[dict] = []
         self.scheduled: list[tuple[int, str | None]] = []  # (token position, target) of planned migrations
+        self.done = False  # the stream ended: a migration asked for now fails instead of waiting forever
 
     # ---- upstream tasks ----------------------------------------------------------------------------------------
     async def _open(self, exclude: set[str] = frozenset(), host: str | None = None, migration: bool = False):
@@ -157,8 +158,13 @@ class StreamSession:
             async for d in self._run():
                 yield d
         finally:
+            self.done = True
             for up in list(self.upstreams.values()):
                 self._drop(up)
+            while not self.migrate_to.empty():  # migrations asked for while it was ending
+                _, fut = self.migrate_to.get_nowait()
+                if not fut.done():
+                    fut.set_exception(RouterError(409, "the request finished before it could migrate"))
             if self.registry is not None:
                 self.registry.pop(self.id, None)
 
@@ -271,6 +277,8 @@ class StreamSession:
     async def migrate(self, target: str | None = None, at_token: int | None = None) -> None:
         """Ask the running stream to move to ``target`` (a host name; None: the policy's choice elsewhere), now
         or once ``at_token`` tokens have been sent (then this returns at once)."""
+        if self.done:
+            raise RouterError(409, "the request has finished")
         if at_token is not None and at_token > len(self.tokens):
             self.scheduled.append((at_token, target))
             return

@@ -106,6 +106,8 @@ def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoi
             params = {"max_tokens": 480, "ignore_eos": True}
             base_ids, base_text, _ = read_stream(url, "busy", PROMPTS[3], params)
 
+            # both instances idle again (the reference stream's release), so locality puts the next one on h0
+            wait_for(lambda: all(h.instances["busy"].inflight == 0 for h in router.router.hosts), 10, "idle 'busy'")
             first, where, result = threading.Event(), {}, {}
 
             def opened(rid):

@@ -214,6 +214,33 @@ def test_host_device_and_bandwidth_config():
         RouterConfig.parse({"hosts": HOSTS, "placement_migration": "yes"})
 
 
+def test_migrating_a_finished_request_fails_at_once():
+    """Placement may pick a stream that ends before its migration is taken up: the caller gets a 409, not a
+    wait that never ends."""
+    import asyncio
+
+    from tritonmoe.router.lifecycle import RouterError
+
+    s, _ = _session()
+
+    async def ask_while_ending():
+        fut = asyncio.ensure_future(s.migrate("h1"))
+        await asyncio.sleep(0)
+        gen = s.run()  # a run that ends at once: its first step fails (no host answers) and ends the stream
+        try:
+            await gen.__anext__()
+        except Exception:  # noqa: BLE001
+            pass
+        await gen.aclose()
+        return await asyncio.wait_for(fut, 5)
+
+    with pytest.raises(RouterError) as e:
+        asyncio.run(ask_while_ending())
+    assert e.value.status == 409
+    with pytest.raises(RouterError):
+        asyncio.run(s.migrate("h1"))  # after the end: refused at once
+
+
 def test_cli_help_documents_the_flags():
     out = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--help"], capture_output=True, text=True,
                          timeout=60)
