@@ -96,7 +96,10 @@ def every_dtype(tmp_path_factory):
 def test_round_trip_is_bit_exact_for_each_architecture(tiny_pairs, arch):
     hf, converted = tiny_pairs[arch]
     expected = source_tensors(hf)
-    assert {t.dtype for t in expected.values()} == {getattr(torch, TINY[arch])}
+    # transformers may keep a router in fp32 (_keep_in_fp32_modules: DeepSeek-V3's gate since 5.2x); the rest is
+    # the tiny model's dtype, and the round trip must keep both
+    dtypes = {t.dtype for n, t in expected.items() if ".mlp.gate." not in n}
+    assert dtypes == {getattr(torch, TINY[arch])}
     assert_exact(expected, load_state_dict(converted))
 
 
