@@ -121,8 +121,10 @@ def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoi
             assert first.wait(60), "the stream of 'busy' did not start"
             running = {r["id"]: r for r in call(url + "/admin/requests")["requests"]}
             assert running[where["rid"]]["hosts"] == ["h0"], running  # locality: the first of two idle instances
+            t0 = time.monotonic()
             r = call(url + "/v2/models/new/generate", {"text_input": PROMPTS[0], "exclude_input_in_output": True,
                                                        "parameters": {"max_tokens": 6}})
+            new_s = time.monotonic() - t0
             t.join(120)
             ids, text, rid = result["busy"]
             assert ids == base_ids and text == base_text      # no gap, duplicate or lost token
@@ -150,6 +152,9 @@ def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoi
             assert metric(url, 'tritonmoe_router_placement_decisions_total{decision="migrate"}') == 1
             assert metric(url, "tritonmoe_router_placement_migrations_total") == 1
             assert admin["hosts"][1]["recompute_model"]["migrations_observed"] >= 1
+            print(f"\nplacement migration (measured, not asserted): 'new' answered in {new_s:.2f}s; decision "
+                  f"{json.dumps(d)}; cold start {admin['cold_starts'][-1]}; migrated stream: longest pause "
+                  f"{info['max_gap_s']}s, {info['migration_log']}")
             call(url + "/admin/models/new", method="DELETE")
             call(url + "/admin/models/busy", method="DELETE")
             wait_for(lambda: not server_models(servers[0]) and not server_models(servers[1]), 60, "unloads")
