@@ -298,6 +298,8 @@ class Manager:
             inst.ready.set()
             return
         await self._load(host, spec, inst, plan.tier)  # unloads the now idle instances to make room
+        for m in plan.moves:
+            m.inst.draining = False  # one still there (another idle model was unloaded instead) serves again
 
     def release(self, inst: Instance, seconds: float | None = None) -> None:
         inst.inflight = max(0, inst.inflight - 1)
