@@ -340,7 +340,7 @@ class Router:
         return web.json_response({"models": [
             {"name": s.name, "checkpoint": s.checkpoint, "parameters": s.parameters, "min_instances":
              s.min_instances, "max_instances": s.max_instances, "target_concurrency": s.target_concurrency,
-             "keep_alive_s": s.keep_alive_s, "use_loader": s.use_loader,
+             "keep_alive_s": s.keep_alive_s, "use_loader": s.use_loader, "use_engine_pool": s.use_engine_pool,
              "instances": [h.name for h in self.hosts if h.ready_instance(s.name)],
              "last_load_error": (self.manager.load_failures.get(s.name) or (0, None))[1]}
             for s in self.manager.specs.values()]})

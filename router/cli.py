@@ -3,12 +3,15 @@
     python -m tritonmoe.router --config hosts.json [--host 127.0.0.1] [--port 8080] [--policy locality]
                                [--placement-migration] [--token-file FILE] [--log-level info]
     python -m tritonmoe.router --local-servers 3 --deploy NAME=/abs/checkpoint [--deploy ...] [--keep-alive 60]
+                               [--engine-pool /run/tritonmoe/pool.sock]
 
 The config file (JSON, or TOML when it ends in .toml) lists the hosts and the deployed models; flags override its
 ``listen``, ``policy`` and ``token_file`` entries. ``$TRITONMOE_ROUTER_TOKEN`` sets the token too.
 ``--local-servers N`` is the single-machine multi-server mode: it starts N tritonservers on loopback (empty model
 repositories, explicit model control; the router sends model code and config with each load), adds them as hosts,
 and stops them when the router exits. ``--deploy`` registers models (nothing loads until the first request).
+``--engine-pool SOCKET`` sets the local servers' ``engine_pool`` (a running ``tritonmoe-engine-pool --socket SOCKET``
+on this machine): the models the router loads there run in its warm workers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import POLICIES, ConfigError, HostConfig, ModelSpec, RouterConfig, load_config
+from .config import POLICIES, ConfigError, HostConfig, ModelSpec, RouterConfig, check_engine_pool, load_config
 
 log = logging.getLogger("tritonmoe.router")
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deploy", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="deploy a model (absolute checkpoint path); repeatable")
     p.add_argument("--keep-alive", type=float, help="keep-alive seconds of --deploy models (default 60)")
+    p.add_argument("--engine-pool", metavar="SOCKET",
+                   help="--local-servers: this machine's warm engine pool (tritonmoe-engine-pool --socket SOCKET); "
+                        "models loaded on the local servers run in its workers")
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
     p.add_argument("--policy", choices=POLICIES, help="placement policy")
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config and not args.local_servers:
         p.error("give --config, --local-servers N, or both")
     try:
+        if args.engine_pool is not None:
+            if not args.local_servers:
+                raise ConfigError("--engine-pool is for --local-servers; a hosts file sets hosts[].engine_pool")
+            check_engine_pool(args.engine_pool, "--engine-pool")
         cfg = load_config(args.config) if args.config else None
         for item in args.deploy:
             name, sep, ckpt = item.partition("=")
@@ -89,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     servers = start_local_servers(args.local_servers) if args.local_servers else []
     try:
-        local = [HostConfig(f"h{i}", s.http_url, s.grpc_url, s.metrics_url) for i, s in enumerate(servers)]
+        local = [HostConfig(f"h{i}", s.http_url, s.grpc_url, s.metrics_url, engine_pool=args.engine_pool)
+                 for i, s in enumerate(servers)]
         if cfg is None:
             cfg = RouterConfig(local, getattr(args, "_specs", {}))
         else:

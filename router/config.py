@@ -8,18 +8,26 @@
         {"name": "h0", "http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001", "metrics": "http://127.0.0.1:8002/metrics",
          "loader": "http://127.0.0.1:8073", "max_models": 4,
          "device": "gpu:0",                                 # cpu (default) | gpu | gpu:N: the instance's device
-         "bandwidth": {"dram": 3e10, "disk": 2e9}}          # optional priors (bytes/s) of the start-up estimate
+         "bandwidth": {"dram": 3e10, "disk": 2e9},          # optional priors (bytes/s) of the start-up estimate
+         "engine_pool": "/run/tritonmoe/pool.sock"}         # optional: the host's warm engine pool (its socket)
       ],
       "placement_migration": false,                        # locality: migrate running streams to free a better host
       "models": {
         "mixtral": {"checkpoint": "/models/mixtral", "parameters": {"max_num_seqs": "8"},
-                    "min_instances": 0, "max_instances": 2, "target_concurrency": 4, "keep_alive_s": 60}
+                    "min_instances": 0, "max_instances": 2, "target_concurrency": 4, "keep_alive_s": 60,
+                    "use_engine_pool": true}                # false: this model's stubs run the engine themselves
       }
     }
 
 Names become Triton model names and URL path parts, so they are restricted to a safe alphabet with no ``/`` and
 no ``..``; checkpoints must be absolute paths (or a name registered at the host's loader), never relative ones
 that a server would resolve against its own folders.
+
+The warm engine pool is per host (one ``tritonmoe-engine-pool`` daemon per machine, docs/loader.md): a host's
+``engine_pool`` is added as the ``engine_pool`` parameter of every model the router loads there (unless the model
+says ``"use_engine_pool": false``). A model's own ``parameters.engine_pool`` is refused: the stub connects to that
+socket and sends it the server's environment, so like ``loader_url`` it is the router's (the operator's) to set,
+per host, never a deploy request's.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
 DEVICE_RE = re.compile(r"^(cpu|gpu(:[0-9]{1,3})?)$")
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path is 108 with the NUL; the pool refuses longer)
 POLICIES = ("locality", "random", "round_robin")
 # Parameters that decide what code or files the server touches are set by the router, never by a deploy request.
-RESERVED_PARAMS = {"checkpoint", "loader_url", "eamc_path"}
+RESERVED_PARAMS = {"checkpoint", "loader_url", "eamc_path", "engine_pool"}
 
 
 class ConfigError(ValueError):
@@ -50,6 +59,16 @@ def check_name(name, what: str = "model name") -> str:
     return name
 
 
+def check_engine_pool(path, what: str = "engine_pool") -> str:
+    """A warm engine pool's socket: an absolute path (the servers' stubs connect to it as given), no '..'."""
+    if not isinstance(path, str) or not path.startswith("/") or ".." in Path(path).parts or "\0" in path:
+        raise ConfigError(f"{what} must be the absolute path of the host's engine pool socket "
+                          f"(tritonmoe-engine-pool --socket PATH), got {path!r}")
+    if len(path.encode()) > SUN_PATH_MAX:
+        raise ConfigError(f"{what} is longer than {SUN_PATH_MAX} bytes (a Unix socket path's limit): {path!r}")
+    return path
+
+
 @dataclass
 class HostConfig:
     name: str
@@ -60,6 +79,7 @@ class HostConfig:
     max_models: int = 4         # models resident at once (GPU memory, in models); LRU idle ones make room
     device: str = "cpu"         # where this server runs instances: cpu | gpu | gpu:N (KIND_GPU, device N)
     bandwidth: dict[str, float] = field(default_factory=dict)  # priors of the tiers' load bandwidths (bytes/s)
+    engine_pool: str | None = None  # socket of the host's warm engine pool: set as every loaded model's engine_pool
 
     @property
     def instance_group(self) -> dict:
@@ -73,7 +93,8 @@ class HostConfig:
     def parse(cls, doc: dict, i: int) -> "HostConfig":
         if not isinstance(doc, dict):
             raise ConfigError(f"hosts[{i}] must be an object")
-        unknown = set(doc) - {"name", "http", "grpc", "metrics", "loader", "max_models", "device", "bandwidth"}
+        unknown = set(doc) - {"name", "http", "grpc", "metrics", "loader", "max_models", "device", "bandwidth",
+                              "engine_pool"}
         if unknown:
             raise ConfigError(f"hosts[{i}]: unknown key(s) {sorted(unknown)}")
         name = check_name(doc.get("name", f"host{i}"), "host name")
@@ -94,8 +115,11 @@ class HostConfig:
                 k not in ("dram", "disk", "remote") or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
                 for k, v in bandwidth.items()):
             raise ConfigError(f"hosts[{i}].bandwidth must map dram/disk/remote to bytes per second > 0")
+        pool = doc.get("engine_pool")
+        if pool is not None:
+            check_engine_pool(pool, f"hosts[{i}].engine_pool")
         return cls(name, doc["http"], doc["grpc"], doc.get("metrics"), doc.get("loader"), max_models, device,
-                   {k: float(v) for k, v in bandwidth.items()})
+                   {k: float(v) for k, v in bandwidth.items()}, pool)
 
 
 @dataclass
@@ -109,6 +133,7 @@ class ModelSpec:
     target_concurrency: int = 4  # in-flight requests per instance before another instance starts
     keep_alive_s: float = 60.0   # an idle instance unloads after this (scale to zero)
     use_loader: bool = False     # load through the host's loader (converted checkpoints)
+    use_engine_pool: bool = True  # run in the host's warm engine pool when the host has one (hosts[].engine_pool)
 
     @classmethod
     def parse(cls, name: str, doc: dict) -> "ModelSpec":
@@ -116,7 +141,7 @@ class ModelSpec:
         if not isinstance(doc, dict):
             raise ConfigError(f"models.{name} must be an object")
         unknown = set(doc) - {"checkpoint", "parameters", "min_instances", "max_instances", "target_concurrency",
-                              "keep_alive_s", "use_loader"}
+                              "keep_alive_s", "use_loader", "use_engine_pool"}
         if unknown:
             raise ConfigError(f"models.{name}: unknown key(s) {sorted(unknown)}")
         ckpt = doc.get("checkpoint")
@@ -131,6 +156,10 @@ class ModelSpec:
             raise ConfigError(f"models.{name}.parameters must be an object")
         clean = {}
         for k, v in params.items():
+            if k == "engine_pool":
+                raise ConfigError(f"models.{name}.parameters: 'engine_pool' is set per host by the router "
+                                  "(hosts[].engine_pool, the socket of that host's pool), not per model; "
+                                  "\"use_engine_pool\": false keeps a model out of the pools")
             if not PARAM_KEY_RE.match(str(k)) or k in RESERVED_PARAMS:
                 raise ConfigError(f"models.{name}.parameters: key {k!r} is not allowed")
             if not isinstance(v, (str, int, float, bool)):
@@ -147,6 +176,9 @@ class ModelSpec:
         if spec.min_instances > spec.max_instances:
             raise ConfigError(f"models.{name}: min_instances > max_instances")
         spec.use_loader = bool(doc.get("use_loader", False))
+        if not isinstance(doc.get("use_engine_pool", True), bool):
+            raise ConfigError(f"models.{name}.use_engine_pool must be true or false")
+        spec.use_engine_pool = doc.get("use_engine_pool", True)
         return spec
 
 

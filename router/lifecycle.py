@@ -62,7 +62,8 @@ class Manager:
     # ---- registrations -----------------------------------------------------------------------------------------
     def deploy(self, spec: ModelSpec) -> None:
         old = self.specs.get(spec.name)
-        if old is not None and (old.checkpoint, old.parameters) != (spec.checkpoint, spec.parameters):
+        if old is not None and (old.checkpoint, old.parameters, old.use_engine_pool) != (
+                spec.checkpoint, spec.parameters, spec.use_engine_pool):
             raise RouterError(409, f"model {spec.name!r} is deployed with another checkpoint or parameters; "
                               "delete it first")
         self.specs[spec.name] = spec
@@ -343,9 +344,8 @@ class Manager:
             loader = host.cfg.loader if spec.use_loader else None
             if loader:
                 await self._register_with_loader(host, spec)
-            ckpt = spec.name if loader else spec.checkpoint
             self.m_cold.labels(host.name, tier).inc()
-            config = upstream.model_config(spec.name, ckpt, spec.parameters, loader, host.cfg.instance_group)
+            config = self.model_config(host, spec)
             await upstream.load(host.client, spec.name, config, self.cfg.load_timeout_s)
         except upstream.UpstreamError as e:
             inst.state, inst.error = "dead", f"{e.kind}: {e}" if e.kind != "load" else f"load failed: {e}"
@@ -370,6 +370,17 @@ class Manager:
             host.loads_in_flight -= 1
             inst.ready.set()
             self._update_gauge(spec.name)
+
+    @staticmethod
+    def model_config(host: Host, spec: ModelSpec) -> dict:
+        """The Triton config the router loads ``spec`` with on ``host``: the host's device, its loader (models that
+        use it: the checkpoint is then the loader's name for it) and its warm engine pool (models that use it)."""
+        loader = host.cfg.loader if spec.use_loader else None
+        params = dict(spec.parameters)
+        if host.cfg.engine_pool and spec.use_engine_pool:
+            params["engine_pool"] = host.cfg.engine_pool
+        return upstream.model_config(spec.name, spec.name if loader else spec.checkpoint, params, loader,
+                                     host.cfg.instance_group)
 
     async def _register_with_loader(self, host: Host, spec: ModelSpec) -> None:
         from tritonmoe.loader.client import LoaderClient, LoaderError
@@ -418,9 +429,7 @@ class Manager:
                 continue
             config = doc.get("config", doc)
             have = {k: v.get("string_value") for k, v in (config.get("parameters") or {}).items()}
-            loader = host.cfg.loader if spec.use_loader else None
-            want = upstream.model_config(name, spec.name if loader else spec.checkpoint, spec.parameters, loader,
-                                         host.cfg.instance_group)
+            want = self.model_config(host, spec)
             mismatch = sorted(k for k, v in want["parameters"].items() if have.get(k) != v["string_value"])
             if mismatch:
                 log.warning("host %s has %s loaded with other %s; not adopted", host.name, name, mismatch)

@@ -148,7 +148,7 @@ class Host:
                 "recompute_model": {"overhead_s": round(self.recompute_overhead_s, 4),
                                     "s_per_token": self.recompute_s_per_token,
                                     "migrations_observed": self.recomputes_observed},
-                "device": self.cfg.device}
+                "device": self.cfg.device, "engine_pool": self.cfg.engine_pool}
 
 
 def checkpoint_bytes(path: str) -> int:
