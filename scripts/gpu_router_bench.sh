@@ -7,7 +7,9 @@
 #   bash scripts/gpu_router_bench.sh                     # about 7 minutes, checkpoint creation included
 # Knobs (environment): MODELS (6), MODEL_GB (2.5), REQUESTS (60: a 76 s trace), MEAN_GAP (1.0 s), CV (2),
 # KEEP_ALIVE (20 s), MAX_MODELS (3 per server), MAX_TOKENS (64), POLICIES (locality,random,round_robin; locality+migration is
-# locality with placement-driven migration), BENCH_TIMEOUT (480 s; results are written after every policy).
+# locality with placement-driven migration), BENCH_TIMEOUT (480 s; results are written after every policy),
+# POOL (unset; 1: add --pool, one warm engine pool for the machine named as every host's engine_pool, so cold starts
+# claim pre-started engine workers; PER_DEVICE warm workers per device, default 2; outputs get the suffix _pool).
 # On a machine without a GPU (the CPU check: tiny models, same path): DEVICE=cpu bash scripts/gpu_router_bench.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -28,17 +30,19 @@ MODELS=${MODELS:-${defaults[0]}}; MODEL_GB=${MODEL_GB:-${defaults[1]}}; REQUESTS
 MEAN_GAP=${MEAN_GAP:-${defaults[3]}}; KEEP_ALIVE=${KEEP_ALIVE:-${defaults[4]}}; MAX_MODELS=${MAX_MODELS:-${defaults[5]}}
 MAX_TOKENS=${MAX_TOKENS:-${defaults[6]}}
 servers=(); [ "$DEVICE" = cpu ] && servers=(--servers 2)
+pool=(); tag=$DEVICE
+if [ "${POOL:-0}" = 1 ]; then pool=(--pool --per-device "${PER_DEVICE:-2}"); tag=${DEVICE}_pool; fi
 work=$(mktemp -d /tmp/router-bench-XXXX)
 cmd=("$PY" -m tritonmoe.tools.bench_router --device "$DEVICE" "${servers[@]}" --loader --models "$MODELS"
      --model-gb "$MODEL_GB" --requests "$REQUESTS" --mean-gap "$MEAN_GAP" --cv "${CV:-${defaults[7]}}" --keep-alive "$KEEP_ALIVE"
      --max-models "$MAX_MODELS" --max-tokens "$MAX_TOKENS" --policies "${POLICIES:-locality,random,round_robin}"
-     --workdir "$work" --out "$out/router_bench_$DEVICE.json" --plot "$out/router_bench_$DEVICE.png")
+     "${pool[@]}" --workdir "$work" --out "$out/router_bench_$tag.json" --plot "$out/router_bench_$tag.png")
 echo "command: ${cmd[*]}"
 echo "machine: $(uname -n), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM"
 echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-timeout "${BENCH_TIMEOUT:-480}" "${cmd[@]}" 2>&1 | tee "$out/router_bench_$DEVICE.log"
+timeout "${BENCH_TIMEOUT:-480}" "${cmd[@]}" 2>&1 | tee "$out/router_bench_$tag.log"
 rc=${PIPESTATUS[0]}
-for f in "$work"/server*.log "$work"/loader/service.log; do  # the ends of the server and loader logs
+for f in "$work"/server*.log "$work"/loader/service.log "$work"/pool.log; do  # the ends of the server, loader, pool logs
   [ -f "$f" ] && tail -c 20000 "$f" > "$out/$(basename "$(dirname "$f")")_$(basename "$f")"
 done
 rm -rf "$work"

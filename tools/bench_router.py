@@ -2,7 +2,7 @@
 
     python -m tritonmoe.tools.bench_router [--models 8] [--servers 3] [--requests 60] [--mean-gap 1.5] [--cv 4]
         [--keep-alive 6] [--max-models 2] [--max-tokens 16] [--policies locality,random,round_robin]
-        [--device cpu|gpu] [--model-gb 0] [--loader] [--workdir DIR]
+        [--device cpu|gpu] [--model-gb 0] [--loader] [--pool] [--per-device 2] [--workdir DIR]
         [--out docs/results/router_bench.json] [--plot docs/figures/router_bench.png]
 
 CPU (default): tiny models of six architectures, one tritonserver per ``--servers``. GPU (``--device gpu``): one
@@ -12,6 +12,10 @@ random bf16 checkpoints of about G GB each instead of tiny ones (on the GPU when
 for the machine (every server loads through it, as the servers of one host share its DRAM cache); each policy
 run starts with every checkpoint in its DRAM cache (the budget holds them all), so runs differ only in placement.
 The policy ``locality+migration`` is locality with ``placement_migration``.
+``--pool`` starts one warm engine pool for the machine (``tritonmoe-engine-pool --devices cpu`` or ``0,1,...`` on
+GPU, ``--per-device`` warm workers per device) and names it as every host's ``engine_pool``: each cold start then
+claims a pre-started worker (torch, transformers, CUDA context loaded) instead of a stub importing them. Every policy
+run (and the warm-up) starts with the pool at its warm count.
 
 One trace (Gamma inter-arrivals with the given coefficient of variation, Zipf-skewed model popularity) is replayed
 against each policy with the same servers, every policy starting with nothing loaded. Each server holds at most
@@ -31,6 +35,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -97,6 +102,42 @@ def start_loader(checkpoints: list[Path], work: Path, say) -> tuple:
     return proc, url, converted
 
 
+def start_pool(devices: str, per_device: int, work: Path, say) -> tuple:
+    """One warm engine pool for the machine: (process, socket path), once every device has its warm workers."""
+    folder = Path(tempfile.mkdtemp(prefix="tmoe-pool-"))  # short: a Unix socket path has at most 107 bytes
+    socket_path = str(folder / "pool.sock")
+    with open(work / "pool.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path,
+                                 "--devices", devices, "--per-device", str(per_device)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    proc.folder = folder
+    t = time.perf_counter()
+    wait_pool_warm(proc, socket_path, work / "pool.log")
+    say(f"engine pool {socket_path}: {per_device} warm worker(s) per device on {devices} "
+        f"({time.perf_counter() - t:.1f}s)")
+    return proc, socket_path
+
+
+def wait_pool_warm(proc, socket_path: str, log: Path, timeout: float = 300) -> dict:
+    """Until every device of the pool has its warm count and no worker is claimed (the models are unloaded)."""
+    from tritonmoe.backend.engine_pool import PoolError, pool_status
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the engine pool exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            s = pool_status(socket_path)
+            if (all(n == s["per_device"] for n in s["warm"].values())
+                    and all(w["state"] != "claimed" for w in s["workers"])):
+                return s
+        except PoolError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine pool did not get warm in {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
 def make_trace(n: int, models: int, mean_gap: float, cv: float, seed: int, zipf: float = 1.1):
     rng = np.random.default_rng(seed)
     shape = 1.0 / (cv * cv)  # Gamma CV = 1/sqrt(shape)
@@ -129,12 +170,14 @@ def unload_all(servers):
         time.sleep(0.5)
 
 
-def run_policy(policy, servers, checkpoints, trace, args, loader_url=None, gpus=0):
+def run_policy(policy, servers, checkpoints, trace, args, loader_url=None, gpus=0, pool_socket=None):
     hosts = [{"name": f"h{i}", "http": s.http_url, "grpc": s.grpc_url, "metrics": s.metrics_url,
               "max_models": args.max_models} for i, s in enumerate(servers)]
     for i, h in enumerate(hosts):
         if loader_url:
             h["loader"] = loader_url
+        if pool_socket:
+            h["engine_pool"] = pool_socket  # one pool for the machine: every server's host entry names it
         if gpus:
             h["device"] = f"gpu:{i % gpus}"
     models = {f"m{i}": {"checkpoint": str(c), "keep_alive_s": args.keep_alive, "max_instances": 2,
@@ -266,6 +309,7 @@ def plot(summary, path: Path):
     tr = summary["trace"]
     what = (f"{tr.get('device', 'cpu').upper()}, " + (f"{tr['model_gb']:g} GB models" if tr.get("model_gb")
                                                        else "tiny models") + (", loader" if tr.get("loader") else ""))
+    what += ", warm engine pool" if tr.get("pool") else ""
     fig.suptitle(f"router placement, {tr['requests']} requests over {tr['models']} models, {tr['servers']} Triton "
                  f"servers ({what}), Gamma CV {tr['cv']}")
     fig.tight_layout()
@@ -281,6 +325,7 @@ def write_summary(runs, args, command, machine, date, gaps, final=False) -> dict
                          "cv": args.cv, "mean_gap_s": args.mean_gap, "keep_alive_s": args.keep_alive,
                          "max_models_per_server": args.max_models, "max_tokens": args.max_tokens,
                          "device": args.device, "model_gb": args.model_gb, "loader": args.loader,
+                         "pool": args.pool, "pool_per_device": args.per_device if args.pool else None,
                          "measured_cv": float(gaps.std() / gaps.mean())},
                "runs": runs}
     if "locality" in base and base["locality"]["ttft_mean"]:
@@ -320,6 +365,10 @@ def main(argv=None) -> int:
                    help="build random Mixtral-shaped bf16 checkpoints of about this size (0: tiny models)")
     p.add_argument("--loader", action="store_true",
                    help="serve converted checkpoints through one loader service (all in its DRAM cache)")
+    p.add_argument("--pool", action="store_true",
+                   help="start one warm engine pool for the machine (the servers' devices) and set it as every "
+                        "host's engine_pool: cold starts claim pre-started engine workers")
+    p.add_argument("--per-device", type=int, default=2, help="--pool: warm workers per device (default 2)")
     p.add_argument("--workdir", type=Path, help="converted checkpoints, loader state, server logs (default: temp)")
     args = p.parse_args(argv)
     gpus = 0
@@ -358,9 +407,12 @@ def main(argv=None) -> int:
           f"per model {np.bincount([m for _, m in trace], minlength=args.models).tolist()}", flush=True)
     tmp = args.workdir or Path(tempfile.mkdtemp(prefix="bench-router-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    loader = loader_url = None
+    loader = loader_url = pool = pool_socket = None
     if args.loader:
         loader, loader_url, checkpoints = start_loader(checkpoints, tmp, say)
+    if args.pool:
+        pool, pool_socket = start_pool(",".join(str(g) for g in range(gpus)) if gpus else "cpu", args.per_device,
+                                       tmp, say)
     # sysconfig fills its variables lazily and not thread-safely: a first call racing in several threads can
     # return LIBDIR None, and a server started without libpython on LD_LIBRARY_PATH fails every model load
     sysconfig.get_config_vars()
@@ -377,12 +429,16 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         unload_all(servers)
         run_policy("round_robin", servers, checkpoints, [(0.0, i % args.models) for i in range(args.servers)], args,
-                   loader_url, gpus)
+                   loader_url, gpus, pool_socket)
         say(f"warm-up: one load per server ({time.perf_counter() - t:.1f}s)")
         for policy in args.policies.split(","):
             unload_all(servers)
+            if pool is not None:
+                t = time.perf_counter()
+                wait_pool_warm(pool, pool_socket, tmp / "pool.log")
+                say(f"engine pool back at its warm count ({time.perf_counter() - t:.1f}s)")
             print(f"--- {policy}", flush=True)
-            r = run_policy(policy, servers, checkpoints, trace, args, loader_url, gpus)
+            r = run_policy(policy, servers, checkpoints, trace, args, loader_url, gpus, pool_socket)
             runs.append(r)
             write_summary(runs, args, command, machine, date, gaps)
             f2 = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
@@ -395,6 +451,13 @@ def main(argv=None) -> int:
     finally:
         for s in servers:
             s.stop()
+        if pool is not None:
+            pool.terminate()
+            try:
+                pool.wait(30)
+            except subprocess.TimeoutExpired:
+                pool.kill()
+            shutil.rmtree(pool.folder, ignore_errors=True)
         if loader is not None:
             loader.terminate()
             try:
