@@ -295,11 +295,23 @@ def test_client_disconnect_cancels_the_request_on_the_server(cluster):
     req = urllib.request.Request(cluster.url + "/v2/models/greedy/generate_stream", data=json.dumps(
         {"text_input": "cancel me", "stream": True, "parameters": {"max_tokens": 480, "ignore_eos": True}}).encode(),
         headers={"Authorization": f"Bearer {TOKEN}"})
-    r = urllib.request.urlopen(req, timeout=60)
-    assert r.readline().startswith(b"data:")
-    r.close()
-    wait_for(lambda: sum(_server_metric(s, "tritonmoe_requests_total", model="greedy", outcome="cancelled")
-                         for s in cluster.servers) > before, 30, "the server to cancel the request")
+
+    def cancelled() -> bool:
+        return sum(_server_metric(s, "tritonmoe_requests_total", model="greedy", outcome="cancelled")
+                   for s in cluster.servers) > before
+
+    # The tiny model can finish its 480 tokens before a loaded machine notices the closed socket (then there is
+    # nothing left to cancel): three tries. A router that never cancels fails all three.
+    for _ in range(3):
+        r = urllib.request.urlopen(req, timeout=60)
+        assert r.readline().startswith(b"data:")
+        r.close()
+        try:
+            wait_for(cancelled, 15, "the server to cancel the request")
+            break
+        except AssertionError:
+            continue
+    assert cancelled(), "the server never saw the request cancelled"
     wait_for(lambda: not api(cluster, "/admin/requests")["requests"], 10, "the router to drop the session")
 
 
