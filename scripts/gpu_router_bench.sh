@@ -42,7 +42,7 @@ echo "machine: $(uname -n), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}')
 echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 timeout "${BENCH_TIMEOUT:-480}" "${cmd[@]}" 2>&1 | tee "$out/router_bench_$tag.log"
 rc=${PIPESTATUS[0]}
-for f in "$work"/server*.log "$work"/loader/service.log "$work"/pool.log; do  # the ends of the server, loader, pool logs
+for f in "$work"/server*.log "$work"/loader/service.log "$work"/pool.log "$work"/router.log; do  # the ends of the logs
   [ -f "$f" ] && tail -c 20000 "$f" > "$out/$(basename "$(dirname "$f")")_$(basename "$f")"
 done
 rm -rf "$work"

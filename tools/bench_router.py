@@ -118,24 +118,47 @@ def start_pool(devices: str, per_device: int, work: Path, say) -> tuple:
     return proc, socket_path
 
 
-def wait_pool_warm(proc, socket_path: str, log: Path, timeout: float = 300) -> dict:
-    """Until every device of the pool has its warm count and no worker is claimed (the models are unloaded)."""
+def wait_pool_warm(proc, socket_path: str, log: Path, timeout: float = 120, unclaimed: bool = False) -> dict:
+    """Until every device of the pool has its warm count (and, with ``unclaimed``, no worker is claimed)."""
     from tritonmoe.backend.engine_pool import PoolError, pool_status
 
-    deadline = time.monotonic() + timeout
+    deadline, s = time.monotonic() + timeout, None
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the engine pool exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
         try:
             s = pool_status(socket_path)
             if (all(n == s["per_device"] for n in s["warm"].values())
-                    and all(w["state"] != "claimed" for w in s["workers"])):
+                    and not (unclaimed and any(w["state"] == "claimed" for w in s["workers"]))):
                 return s
         except PoolError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the engine pool did not get warm in {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"the engine pool did not get warm in {timeout:.0f}s: {s}\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
+
+
+def release_pool(proc, socket_path: str, log: Path, servers) -> dict:
+    """After unload_all: every device back at its warm count. A worker still claimed belongs to a model whose
+    unload Triton did not finish (seen on the CPU machine, with and without the pool: the model leaves
+    /v2/models/stats, its stub stays alive); one more unload request per server is tried, then it is reported."""
+    from tritonmoe.backend.engine_pool import pool_status
+
+    status = wait_pool_warm(proc, socket_path, log)
+    claimed = {w["model"] for w in status["workers"] if w["state"] == "claimed"}
+    for name in claimed:
+        for s in servers:
+            req = urllib.request.Request(f"http://{s.http_url}/v2/repository/models/{name}/unload", data=b"{}")
+            try:
+                urllib.request.urlopen(req, timeout=30).read()
+            except OSError:
+                pass
+    if claimed:
+        try:
+            return wait_pool_warm(proc, socket_path, log, timeout=15, unclaimed=True)
+        except RuntimeError:
+            return pool_status(socket_path)
+    return status
 
 
 def make_trace(n: int, models: int, mean_gap: float, cv: float, seed: int, zipf: float = 1.1):
@@ -156,6 +179,7 @@ def unload_all(servers):
     for s in servers:
         with urllib.request.urlopen(f"http://{s.http_url}/v2/models/stats", timeout=10) as r:
             names = [m["name"] for m in json.loads(r.read())["model_stats"]]
+        print(f"unload_all: {s.http_url} has {names}", flush=True)
         for name in names:
             req = urllib.request.Request(f"http://{s.http_url}/v2/repository/models/{name}/unload", data=b"{}")
             urllib.request.urlopen(req, timeout=60).read()
@@ -168,6 +192,11 @@ def unload_all(servers):
         if not busy:
             return
         time.sleep(0.5)
+    left = {}
+    for s in servers:
+        with urllib.request.urlopen(f"http://{s.http_url}/v2/models/stats", timeout=10) as r:
+            left[s.http_url] = [m["name"] for m in json.loads(r.read())["model_stats"]]
+    print(f"unload_all: models still loaded after 60s: {left}", flush=True)
 
 
 def run_policy(policy, servers, checkpoints, trace, args, loader_url=None, gpus=0, pool_socket=None):
@@ -407,11 +436,17 @@ def main(argv=None) -> int:
           f"per model {np.bincount([m for _, m in trace], minlength=args.models).tolist()}", flush=True)
     tmp = args.workdir or Path(tempfile.mkdtemp(prefix="bench-router-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    loader = loader_url = pool = pool_socket = None
+    import logging
+
+    handler = logging.FileHandler(tmp / "router.log")  # the router's decisions: loads, unloads, placements
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("tritonmoe.router").addHandler(handler)
+    logging.getLogger("tritonmoe.router").setLevel(logging.INFO)
+    loader = loader_url = pool_proc = pool_socket = None
     if args.loader:
         loader, loader_url, checkpoints = start_loader(checkpoints, tmp, say)
     if args.pool:
-        pool, pool_socket = start_pool(",".join(str(g) for g in range(gpus)) if gpus else "cpu", args.per_device,
+        pool_proc, pool_socket = start_pool(",".join(str(g) for g in range(gpus)) if gpus else "cpu", args.per_device,
                                        tmp, say)
     # sysconfig fills its variables lazily and not thread-safely: a first call racing in several threads can
     # return LIBDIR None, and a server started without libpython on LD_LIBRARY_PATH fails every model load
@@ -433,10 +468,12 @@ def main(argv=None) -> int:
         say(f"warm-up: one load per server ({time.perf_counter() - t:.1f}s)")
         for policy in args.policies.split(","):
             unload_all(servers)
-            if pool is not None:
+            if pool_proc is not None:
                 t = time.perf_counter()
-                wait_pool_warm(pool, pool_socket, tmp / "pool.log")
-                say(f"engine pool back at its warm count ({time.perf_counter() - t:.1f}s)")
+                status = release_pool(pool_proc, pool_socket, tmp / "pool.log", servers)
+                stuck = [(w["pid"], w["model"]) for w in status["workers"] if w["state"] == "claimed"]
+                say(f"engine pool back at its warm count ({time.perf_counter() - t:.1f}s)" +
+                    (f"; still claimed (their Triton unload did not finish): {stuck}" if stuck else ""))
             print(f"--- {policy}", flush=True)
             r = run_policy(policy, servers, checkpoints, trace, args, loader_url, gpus, pool_socket)
             runs.append(r)
@@ -451,13 +488,13 @@ def main(argv=None) -> int:
     finally:
         for s in servers:
             s.stop()
-        if pool is not None:
-            pool.terminate()
+        if pool_proc is not None:
+            pool_proc.terminate()
             try:
-                pool.wait(30)
+                pool_proc.wait(30)
             except subprocess.TimeoutExpired:
-                pool.kill()
-            shutil.rmtree(pool.folder, ignore_errors=True)
+                pool_proc.kill()
+            shutil.rmtree(pool_proc.folder, ignore_errors=True)
         if loader is not None:
             loader.terminate()
             try:
