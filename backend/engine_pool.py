@@ -168,12 +168,13 @@ def parse_devices(text: str) -> list[str]:
 
 class EnginePool:
     def __init__(self, socket_path: str | os.PathLike, devices: list[str], per_device: int = 1, *,
-                 python: str = sys.executable, worker_args: list[str] | None = None):
+                 python: str = sys.executable, worker_args: list[str] | None = None, replace_delay: float = 0.0):
         self.socket_path = str(Path(socket_path).absolute())
         if len(os.fsencode(self.socket_path)) > SUN_PATH_MAX:
             raise PoolError(f"socket path {self.socket_path} is longer than {SUN_PATH_MAX} bytes (a Unix socket's "
                             "limit); choose a shorter one")
         self.devices, self.per_device = devices, per_device
+        self.replace_delay = replace_delay  # seconds between a claim and its replacement's start
         self.python, self.worker_args = python, list(worker_args or [])
         self.workers: list[Worker] = []
         self.cond = threading.Condition()
@@ -282,7 +283,11 @@ class EnginePool:
                     w.state, w.model, w.claimed_at = "claimed", model, time.monotonic()
                     self.claims += 1
                     log.info("worker %d (%s): claimed by model %r", w.proc.pid, w.device, model)
-                    self._maintain()  # start the replacement now
+                    # the replacement's warm-up (imports, CUDA context, kernels) would compete with this
+                    # worker's load and first forward for the host's cores and the device: start it later
+                    self.next_spawn[w.device] = max(self.next_spawn[w.device],
+                                                    time.monotonic() + self.replace_delay)
+                    self._maintain()
                     return {"ok": True, "worker": w.record()}
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -404,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", default=None,
                    help="'cpu', GPU indices '0,1', or a mix ('cuda:0,cpu'); default: GPU 0 if there is one, else cpu")
     p.add_argument("--per-device", type=int, default=1, help="warm workers kept ready per device (default 1)")
+    p.add_argument("--replace-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="start a claimed worker's replacement this long after the claim, so its warm-up does not "
+                        "compete with the claimed worker's load and first forward (default 0: at once)")
     p.add_argument("--no-kernel-warmup", action="store_true",
                    help="workers skip the tiny MoE forward that loads the GPU kernels before a claim")
     p.add_argument("--prepin-loader", metavar="URL",
@@ -420,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if a.per_device < 1:
         p.error("--per-device must be >= 1")
+    if a.replace_delay < 0:
+        p.error("--replace-delay must be >= 0")
     try:
         devices = parse_devices(a.devices or default_devices())
     except ValueError as e:
@@ -432,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        pool = EnginePool(a.socket, devices, a.per_device,
+        pool = EnginePool(a.socket, devices, a.per_device, replace_delay=a.replace_delay,
                           worker_args=(["--no-kernel-warmup"] if a.no_kernel_warmup else [])
                           + (["--prepin-loader", a.prepin_loader] if a.prepin_loader else []))
         pool.serve()

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import PROMPTS, write_model
 from test_triton_e2e import grpc_stream, metric
-from tritonmoe.backend.engine_pool import PoolError, pool_status
+from tritonmoe.backend.engine_pool import PoolError, claim_worker, pool_status
 from tritonmoe.tools.client import GenerateError, generate, generate_stream
 from tritonmoe.tools.tritonserver import TritonServer
 
@@ -342,3 +342,24 @@ def test_pool_reports_workers_that_cannot_warm_up(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path, "--status"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the engine pool" in r.stderr
+
+
+@pytest.mark.parametrize("delay", [0, 60])
+def test_replacement_starts_at_once_or_after_replace_delay(tmp_path, delay):
+    """--replace-delay keeps a claimed worker's replacement from warming up beside its load: with 0 it is starting
+    right after the claim, with 60 none is started while the claimed worker loads."""
+    pool = Pool(tmp_path / "pool.log", 1, "--replace-delay", str(delay)).start()
+    try:
+        conn, worker = claim_worker(pool.socket, "cpu", "m")
+        try:
+            time.sleep(1.0)  # several rounds of the pool's maintenance loop (every 0.2 s)
+            others = [w for w in pool.status()["workers"] if w["pid"] != worker["pid"]]
+            if delay:
+                assert others == [], others
+            else:
+                assert [w["state"] for w in others] in (["starting"], ["warm"]), others
+        finally:
+            conn.close()
+        assert _gone(worker["pid"])  # a claimed worker whose stub goes away exits
+    finally:
+        pool.stop()

@@ -66,6 +66,8 @@ def parse_args(argv):
                    help="let Triton complete each config (a stub process per load just for that, as the first H100 "
                         "run did); default: send complete configs to a server started with "
                         "--disable-auto-complete-config")
+    p.add_argument("--pool-replace-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="the pools' --replace-delay: start a claimed worker's replacement this long after the claim")
     p.add_argument("--workdir", type=Path, help="where the checkpoints, loader state and logs go (default: temp)")
     p.add_argument("--out", type=Path, help="JSON result file")
     a = p.parse_args(argv)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     pools: dict = {}
     result = {"command": sys.argv, "gb": nbytes / 1e9, "spec": spec.__dict__, "device": a.device, "gpu": gpu,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {},
-              "auto_complete_config": a.auto_complete_config, "repeat": a.repeat}
+              "auto_complete_config": a.auto_complete_config, "repeat": a.repeat, "pool_replace_delay": a.pool_replace_delay}
     server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log",
                           extra_args=[] if a.auto_complete_config else ["--disable-auto-complete-config"])
     try:
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
             t = time.perf_counter()
             pools[path] = pool = spawn_pool("0" if a.device == "gpu" else "cpu", work / f"engine-{path}.log",
-                                            extra_args=["--prepin-loader", url] if path == "pool_pinned" else None)
+                                            extra_args=["--replace-delay", str(a.pool_replace_delay)]
+                                            + (["--prepin-loader", url] if path == "pool_pinned" else []))
             warm = [w["warm"] for w in pool_status(pool.socket)["workers"] if w["state"] == "warm"]
             result.setdefault("pool_warm", {})[path] = warm
             say(f"{path + ':':11s} {pool.socket}, first worker warm in {time.perf_counter() - t:.1f}s ("
