@@ -68,8 +68,9 @@ def unloaded_by_triton(server, model: str, times: int, timeout: float = 30) -> b
 def stuck_unload(model: str) -> None:
     """The known intermittent fault (docs/router.md, "Cold starts through the warm engine pool"): the model left
     /v2/models/stats but Triton never finished its unload (no "successfully unloaded", the stub not finalized), so
-    its worker was never told to close. Seen in about half of this test's runs on the 2-core VM, with the pool; the
-    cause is below the router (Triton 2.51 or the backend's pooled stub). Anything else failing here is a failure."""
+    its worker was never told to close. Seen in about half of this test's runs on the 2-core VM, and without the pool
+    too (there the in-stub model stays alive); the cause is below the router (Triton 2.51's unload, or the backend's
+    finalize never reached). Anything else failing here is a failure."""
     pytest.xfail(f"Triton did not finish unloading {model!r} (its stub was not finalized; the worker stays claimed)")
 
 
