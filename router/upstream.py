@@ -110,6 +110,7 @@ async def stream_generate(client: agrpc.InferenceServerClient, model: str, promp
         yield {"model_name": model, "inputs": build_inputs(prompt, sampling, resume), "request_id": request_id}
 
     it = client.stream_infer(requests())
+    finished = False
     try:
         async for result, error in it:
             if error is not None:
@@ -125,12 +126,17 @@ async def stream_generate(client: agrpc.InferenceServerClient, model: str, promp
                         num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
                         num_output_tokens=int(_scalar(result, "num_output_tokens", 0)), final=final)
             if final:
+                finished = True
                 return
         raise UpstreamError("server", "the server closed the stream before the final response")
     except (InferenceServerException, grpc.RpcError, OSError, ConnectionError) as e:
         raise classify(e) from None
     finally:
-        cancel = getattr(it, "cancel", None)
+        # Cancel only a request that is still running (the caller stopped early). Cancelling the call after its
+        # final response races Triton 2.51's own end of the request: now and then the request is never released,
+        # and a later unload of the model never finishes (its stub lives on; reproduced in ~1 of 12 load/
+        # stream/unload cycles). After the final response the call ends by itself.
+        cancel = None if finished else getattr(it, "cancel", None)
         if cancel is not None:
             try:
                 cancel()
