@@ -39,7 +39,8 @@ def start_local_servers(n: int) -> list:
     servers = []
     for i in range(n):
         (root / f"repo{i}").mkdir()
-        servers.append(TritonServer(root / f"repo{i}", log_path=root / f"server{i}.log"))
+        servers.append(TritonServer(root / f"repo{i}", log_path=root / f"server{i}.log",
+                                   extra_args=["--disable-auto-complete-config"]))
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(s.start, 180) for s in servers]
         errors = [f.exception() for f in futures]

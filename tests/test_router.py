@@ -31,7 +31,8 @@ def start_servers(n: int, tmp: Path) -> list[TritonServer]:
     servers = []
     for i in range(n):
         (tmp / f"repo{i}").mkdir()
-        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log"))
+        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log",
+                                   extra_args=["--disable-auto-complete-config"]))
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         list(pool.map(lambda s: s.start(timeout=120), servers))
     return servers

@@ -272,7 +272,8 @@ def measure_stall(args, checkpoint: Path) -> dict:
     servers = []
     for i in range(2):
         (tmp / f"repo{i}").mkdir()
-        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log"))
+        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log",
+                                   extra_args=["--disable-auto-complete-config"]))
     res = {"plain_max_gap_s": [], "migrated_max_gap_s": [], "warmup_s": [], "regenerated_tokens": [], "rounds": []}
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -454,7 +455,8 @@ def main(argv=None) -> int:
     servers = []
     for i in range(args.servers):
         (tmp / f"repo{i}").mkdir(exist_ok=True)
-        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log"))
+        servers.append(TritonServer(tmp / f"repo{i}", log_path=tmp / f"server{i}.log",
+                                   extra_args=["--disable-auto-complete-config"]))
     runs = []
     try:
         with concurrent.futures.ThreadPoolExecutor(args.servers) as pool:

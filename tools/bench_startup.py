@@ -43,10 +43,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tritonmoe.backend.io_spec import complete_config
+
 from . import tiny_models
 from .client import generate, load_model, unload_model
 from .model_config import read_config, with_overrides
-from .serve import complete_config, spawn_loader, spawn_pool, stop_pool
+from .serve import spawn_loader, spawn_pool, stop_pool
 from .tritonserver import TritonServer, tritonmoe_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

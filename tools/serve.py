@@ -12,7 +12,6 @@ checkpoint converted once into the loading-optimised format. ``--pool`` also sta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -192,23 +191,6 @@ def spawn_loader(root: Path, shm_dir: Path, dram_budget: str, timeout: float = 6
                 proc.kill()
                 raise TritonError(f"the loader service did not start (log: {root / 'service.log'})") from None
             time.sleep(0.2)
-
-
-def complete_config(config: dict) -> dict:
-    """``config`` with everything ``auto_complete_config`` would add (the vLLM-style I/O, ``max_batch_size`` 0, the
-    decoupled policy), for a server started with ``--disable-auto-complete-config``: Triton then starts no extra
-    stub process per load just to complete the configuration (about 1.3 s of every load on the CPU machine)."""
-    from tritonmoe.backend.io_spec import INPUTS, OUTPUTS
-
-    config = json.loads(json.dumps(config))
-    config.setdefault("backend", "python")
-    config["max_batch_size"] = 0
-    config["model_transaction_policy"] = {"decoupled": True}
-    have = {i["name"] for i in config.get("input", [])}
-    config["input"] = config.get("input", []) + [dict(i) for i in INPUTS if i["name"] not in have]
-    have = {o["name"] for o in config.get("output", [])}
-    config["output"] = config.get("output", []) + [dict(o) for o in OUTPUTS if o["name"] not in have]
-    return config
 
 
 def spawn_pool(devices: str, log_path: Path, per_device: int = 1, timeout: float = 600,
