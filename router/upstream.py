@@ -119,6 +119,7 @@ async def stream_generate(client: agrpc.InferenceServerClient, model: str, promp
                 raise classify(error)
             resp = result.get_response()
             final = resp.parameters["triton_final_response"].bool_param
+            finished = finished or final  # before the yield: a consumer may stop at the final chunk
             text = _scalar(result, "text_output", b"")
             ids = result.as_numpy("output_token_ids")
             fin = _scalar(result, "finish_reason", b"")
@@ -128,7 +129,6 @@ async def stream_generate(client: agrpc.InferenceServerClient, model: str, promp
                         num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
                         num_output_tokens=int(_scalar(result, "num_output_tokens", 0)), final=final)
             if final:
-                finished = True
                 return
         raise UpstreamError("server", "the server closed the stream before the final response")
     except (InferenceServerException, grpc.RpcError, OSError, ConnectionError) as e:
