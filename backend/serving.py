@@ -167,6 +167,10 @@ class ServedModel:
             except Unavailable as e:  # engine shutting down, or its worker is gone
                 sender.send(_error(str(e), pb_utils.TritonError.UNAVAILABLE),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as e:  # a bug ends this request (with its final response), not the whole batch
+                log.exception(f"submitting {request.request_id() or 'a request'} failed")
+                sender.send(_error(f"{type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def deliver(self, stream: _Stream, out) -> None:

@@ -35,7 +35,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -104,18 +103,13 @@ def start_loader(checkpoints: list[Path], work: Path, say) -> tuple:
 
 def start_pool(devices: str, per_device: int, work: Path, say) -> tuple:
     """One warm engine pool for the machine: (process, socket path), once every device has its warm workers."""
-    folder = Path(tempfile.mkdtemp(prefix="tmoe-pool-"))  # short: a Unix socket path has at most 107 bytes
-    socket_path = str(folder / "pool.sock")
-    with open(work / "pool.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.backend.engine_pool", "--socket", socket_path,
-                                 "--devices", devices, "--per-device", str(per_device)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    proc.folder = folder
+    from tritonmoe.tools.serve import spawn_pool
+
     t = time.perf_counter()
-    wait_pool_warm(proc, socket_path, work / "pool.log")
-    say(f"engine pool {socket_path}: {per_device} warm worker(s) per device on {devices} "
+    proc = spawn_pool(devices, work / "pool.log", per_device)
+    say(f"engine pool {proc.socket}: {per_device} warm worker(s) per device on {devices} "
         f"({time.perf_counter() - t:.1f}s)")
-    return proc, socket_path
+    return proc, proc.socket
 
 
 def wait_pool_warm(proc, socket_path: str, log: Path, timeout: float = 120, unclaimed: bool = False) -> dict:
@@ -491,12 +485,9 @@ def main(argv=None) -> int:
         for s in servers:
             s.stop()
         if pool_proc is not None:
-            pool_proc.terminate()
-            try:
-                pool_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pool_proc.kill()
-            shutil.rmtree(pool_proc.folder, ignore_errors=True)
+            from tritonmoe.tools.serve import stop_pool
+
+            stop_pool(pool_proc)
         if loader is not None:
             loader.terminate()
             try:

@@ -43,9 +43,12 @@ def env() -> dict:
     return e
 
 
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, "-c", "import sys; from genai_perf.main import main; sys.exit(main())", *args]
+
+
 def run(args: list[str], cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "import sys; from genai_perf.main import main; sys.exit(main())", *args]
-    return subprocess.run(cmd, env=env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_command(args), env=env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def profile(model: str, grpc_url: str, tokenizer: str | Path, artifacts: str | Path, *, input_tokens: int = 32,
@@ -68,8 +71,7 @@ def profile(model: str, grpc_url: str, tokenizer: str | Path, artifacts: str | P
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return subprocess.call([sys.executable, "-c", "import sys; from genai_perf.main import main; sys.exit(main())",
-                                *(sys.argv[1:] if argv is None else argv)], env=env())
+        return subprocess.call(_command(sys.argv[1:] if argv is None else argv), env=env())
     except TritonError as e:
         print(e, file=sys.stderr)
         return 2
