@@ -154,10 +154,7 @@ def warm_up(device: torch.device, kernels: bool = True) -> dict[str, float]:
     if device.type == "cuda":
         t = time.perf_counter()
         torch.cuda.init()
-        x = torch.ones(256, 256, device=device)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS handle, workspace, GEMM kernels
-            (x.to(dtype) @ x.to(dtype)).sum().item()
-        torch.cuda.synchronize(device)
+        _on_a_passing_thread(_gemms, device)
         phases["cuda_context"] = time.perf_counter() - t
         # The loader path copies through a ring of pinned staging buffers (loader/device_copy.py, 16 x 64 MiB)
         # unless the DRAM copy is page-locked; page-locking 1 GiB costs a fresh process ~0.7 s (docs/loader.md).
@@ -171,11 +168,41 @@ def warm_up(device: torch.device, kernels: bool = True) -> dict[str, float]:
     if kernels:
         t = time.perf_counter()
         try:
-            _tiny_forward(device)
+            _on_a_passing_thread(_tiny_forward, device)
         except Exception as e:  # a warm-up that fails costs the first request some time, nothing else
             log.warning("warm-up: the tiny MoE forward failed (%s: %s); continuing", type(e).__name__, e)
         phases["kernels"] = time.perf_counter() - t
     return phases
+
+
+def _on_a_passing_thread(fn: Callable[[torch.device], None], device: torch.device) -> None:
+    """Run ``fn(device)`` on a thread that then exits. torch lends each thread its own cuBLAS / cuBLASLt handles
+    and takes them back into a per-device pool when the thread ends; the engine thread, started at load, then
+    borrows these instead of creating its own on the first request. Warmed on this (main) thread, they would
+    stay with it, and the first token would pay for ``cublasCreate`` -- which, after page-locking a 16 GB DRAM
+    copy (``--prepin-loader``), failed outright on the H200 (CUBLAS_STATUS_INTERNAL_ERROR)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            fn(device)
+        except BaseException as e:  # re-raised on the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="tritonmoe-warm-up")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _gemms(device: torch.device) -> None:
+    x = torch.ones(256, 256, device=device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS handle, workspace, GEMM kernels
+        (x.to(dtype) @ x.to(dtype)).sum().item()
+    torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()

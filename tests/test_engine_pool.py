@@ -78,6 +78,14 @@ class Pool:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _server_log_with(server, text: str, timeout: float = 15) -> str:
+    """The server's log once it has ``text``: a stub's log lines reach the file a moment after ``load`` returns."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := server.log_path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return log
+
+
 def _gone(pid: int, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,8 +127,7 @@ def test_pooled_model_equals_transformers_and_its_stub_never_imports_torch(poole
         client.load_model("pooled")
         assert client.is_model_ready("pooled")
         pid = pool.worker_of("pooled")
-        log = pooled.log_path.read_text()
-        assert f"in engine worker pid {pid} of the pool {pool.socket}" in log
+        log = _server_log_with(pooled, f"in engine worker pid {pid} of the pool {pool.socket}")
         assert "this stub imported torch: no" in log
 
         ids, text = reference(tiny("mixtral"), PROMPTS[0], 12)
