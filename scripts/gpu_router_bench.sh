@@ -10,6 +10,8 @@
 # locality with placement-driven migration), BENCH_TIMEOUT (480 s; results are written after every policy),
 # POOL (unset; 1: add --pool, one warm engine pool for the machine named as every host's engine_pool, so cold starts
 # claim pre-started engine workers; PER_DEVICE warm workers per device, default 2; outputs get the suffix _pool).
+# SERVERS (one per GPU; more share the GPUs round-robin); PLAIN=1: no loader and no pool, every cold start a plain
+# from_pretrained in a fresh stub (the issue's "round-robin with plain Triton loading" baseline; outputs _plain).
 # On a machine without a GPU (the CPU check: tiny models, same path): DEVICE=cpu bash scripts/gpu_router_bench.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -30,10 +32,13 @@ MODELS=${MODELS:-${defaults[0]}}; MODEL_GB=${MODEL_GB:-${defaults[1]}}; REQUESTS
 MEAN_GAP=${MEAN_GAP:-${defaults[3]}}; KEEP_ALIVE=${KEEP_ALIVE:-${defaults[4]}}; MAX_MODELS=${MAX_MODELS:-${defaults[5]}}
 MAX_TOKENS=${MAX_TOKENS:-${defaults[6]}}
 servers=(); [ "$DEVICE" = cpu ] && servers=(--servers 2)
+[ -n "${SERVERS:-}" ] && servers=(--servers "$SERVERS")
+loader=(--loader); [ "${PLAIN:-0}" = 1 ] && loader=()
 pool=(); tag=$DEVICE
 if [ "${POOL:-0}" = 1 ]; then pool=(--pool --per-device "${PER_DEVICE:-2}"); tag=${DEVICE}_pool; fi
+[ "${PLAIN:-0}" = 1 ] && tag=${DEVICE}_plain
 work=$(mktemp -d /tmp/router-bench-XXXX)
-cmd=("$PY" -m tritonmoe.tools.bench_router --device "$DEVICE" "${servers[@]}" --loader --models "$MODELS"
+cmd=("$PY" -m tritonmoe.tools.bench_router --device "$DEVICE" "${servers[@]}" "${loader[@]}" --models "$MODELS"
      --model-gb "$MODEL_GB" --requests "$REQUESTS" --mean-gap "$MEAN_GAP" --cv "${CV:-${defaults[7]}}" --keep-alive "$KEEP_ALIVE"
      --max-models "$MAX_MODELS" --max-tokens "$MAX_TOKENS" --policies "${POLICIES:-locality,random,round_robin}"
      "${pool[@]}" --workdir "$work" --out "$out/router_bench_$tag.json" --plot "$out/router_bench_$tag.png")
