@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="workers skip the tiny MoE forward that loads the GPU kernels before a claim")
     p.add_argument("--prepin-loader", metavar="URL",
                    help="workers map the DRAM-resident models of the loader at URL before a claim and, on a GPU, "
-                        "page-lock them (a load of one of them then copies at the pinned PCIe rate)")
+                        "page-lock them (a load of one of them then copies at the pinned PCIe rate; on a GPU, failed "
+                        "after 15.7 GB page-locked on the H200 VM: see docs/loader.md)")
     p.add_argument("--status", action="store_true", help="print the running pool's status as JSON and exit")
     a = p.parse_args(argv)
     if a.status:
@@ -436,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [engine-pool] %(levelname)s %(message)s")
+    if a.prepin_loader and any(str(d).startswith("cuda") for d in devices):
+        log.warning("--prepin-loader with a GPU device: on the H200 VM a worker that page-locked a 15.7 GB DRAM copy "
+                    "copied it at 52 GB/s but its CUDA context then failed the first forward (docs/loader.md); "
+                    "use it with small models, or leave it off")
 
     def stop(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
