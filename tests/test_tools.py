@@ -98,6 +98,40 @@ def test_main_job_with_the_loader_serves_the_same_tokens(tmp_path):
     assert not list(Path("/dev/shm").glob(f"tritonmoe-main-loader-{os.getuid()}/*"))
 
 
+def test_main_job_through_the_router_serves_the_same_tokens():
+    """--router 2: two tritonservers behind the router; the first request loads the model on one of them and the
+    completion streams through the router: the same greedy text as the plain main job; everything stops after."""
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-tokens", "10",
+              "--arch", "qwen3_moe"]
+    plain = _serve(*common)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    router_port = free_port()
+    r = _serve(*common, "--router", "2", "--router-port", str(router_port))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 tritonservers up in" in r.stdout
+    assert f"router up at http://127.0.0.1:{router_port} over 2 servers" in r.stdout
+    served_by = r.stdout.split("served by ", 1)[1].split(" (of h0, h1)", 1)[0]
+    assert served_by in ("h0", "h1"), r.stdout
+
+    def completion(out: str) -> str:
+        return out.split("prompt:", 1)[1].split("finish reason:", 1)[0]
+
+    assert completion(r.stdout) == completion(plain.stdout)
+    with socket.socket() as s:  # the router is gone: its port is free again
+        s.bind(("127.0.0.1", router_port))
+
+
+def test_main_job_router_mode_says_clearly_when_its_port_is_taken():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve("--router", "2", "--router-port", str(port), "--http-port", str(free_port()))
+    assert r.returncode == 1
+    assert f"router port {port} on 127.0.0.1 is already in use" in r.stdout
+
+
 def test_main_job_with_the_pool_and_the_loader_serves_the_same_tokens(tmp_path):
     """--pool (with --loader: the fast-start path): a warm engine pool starts beside the server, the model's engine
     runs in one of its workers and the stub never imports torch; same greedy text as in-process; the pool and its

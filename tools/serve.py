@@ -7,11 +7,16 @@ streams a completion for a sample prompt and prints it with timings. ``--serve``
 checkpoint converted once into the loading-optimised format. ``--pool`` also starts a warm engine pool
 (``tritonmoe-engine-pool``) beside the server and runs the model's engine in one of its pre-started workers
 (config parameter ``engine_pool``); with ``--loader`` too, that is the fast-start path.
+``--router N`` is the multi-server mode: N tritonservers on loopback (empty repositories, explicit model control)
+behind the router (``python -m tritonmoe.router``), which deploys the model, loads it where it starts soonest on
+the first request, and streams the completion back; ``--loader`` and ``--pool`` then serve every server.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -62,9 +67,15 @@ def parse_args(argv):
                    help="start a warm engine pool beside the server and run the engine in one of its workers "
                         "(the model's stub then never imports torch)")
     p.add_argument("--pool-per-device", type=int, default=1, help="warm workers the pool keeps (default 1)")
+    p.add_argument("--router", type=int, default=0, metavar="N",
+                   help="multi-server mode: N tritonservers behind the router, which loads the model on the first "
+                        "request; the completion streams through the router")
+    p.add_argument("--router-port", type=int, default=8080, help="--router: the router's port (default 8080)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config.pbtxt parameter, repeatable (e.g. --param expert_cache_budget=25%%)")
     a = p.parse_args(argv)
+    if a.router < 0:
+        p.error("--router takes the number of tritonservers (>= 1)")
     for item in a.param:
         if "=" not in item or not item.partition("=")[0].strip():
             p.error(f"--param expects KEY=VALUE, got {item!r}")
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                           metrics_port=a.metrics_port, log_path=a.log)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    loader = pool = None
+    loader = pool = url = None
     try:
         if a.pool:
             t = time.perf_counter()
@@ -108,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             loader, url, converted = start_loader(Path(overrides["checkpoint"]), a.loader_dram_budget, say)
             overrides.update(checkpoint=str(converted), loader_url=url)
             config = with_overrides(config, parameters=overrides)
+        if a.router:
+            return serve_through_router(a, overrides, loader_url=url if a.loader else None,
+                                        pool_socket=pool.socket if pool is not None else None, stop=stop, say=say)
         t = time.perf_counter()
         server.start()
         say(f"tritonserver up in {time.perf_counter() - t:.1f}s  HTTP {server.http_url}  gRPC {server.grpc_url}  "
@@ -115,20 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         load_model(server.http_url, a.model, config)
         say(f"model '{a.model}' loaded in {time.perf_counter() - t:.2f}s ({a.device})")
-
-        say(f"\nprompt: {a.prompt!r}\n")
-        start, first, count, reason = time.perf_counter(), None, 0, "?"
-        for event in generate_stream(server.http_url, a.model, a.prompt, max_tokens=a.max_tokens,
-                                     temperature=a.temperature):
-            first = first or time.perf_counter()
-            count = event["num_output_tokens"]
-            reason = event["finish_reason"] or reason
-            sys.stdout.write(event["text_output"])
-            sys.stdout.flush()
-        end = time.perf_counter()
-        decode = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
-        say(f"\n\nfinish reason: {reason}; {count} tokens; time to first token {1000 * (first - start):.1f} ms; "
-            f"{decode:.1f} tokens/s after the first; total {end - start:.2f}s")
+        stream_sample(server.http_url, a, say)
         if a.serve:
             say(f"\nserving '{a.model}' until Ctrl-C: curl -X POST http://{server.http_url}/v2/models/{a.model}"
                 "/generate -d '{\"text_input\": \"def \", \"parameters\": {\"max_tokens\": 16}}'")
@@ -146,14 +147,113 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {type(e).__name__}: {e}")
         return 1
     finally:
-        say("stopping tritonserver ...")
-        server.stop()
+        if not a.router:
+            say("stopping tritonserver ...")
+            server.stop()
         if loader is not None:
             loader.terminate()
             loader.wait(30)
             shutil.rmtree(loader.shm_dir, ignore_errors=True)  # this job's DRAM cache: host memory, not disk
         if pool is not None:
             stop_pool(pool)
+
+
+def stream_sample(http_url: str, a, say) -> None:
+    """Stream the sample completion from ``http_url`` (a tritonserver or the router) and print it with timings."""
+    say(f"\nprompt: {a.prompt!r}\n")
+    start, first, count, reason = time.perf_counter(), None, 0, "?"
+    for event in generate_stream(http_url, a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature):
+        first = first or time.perf_counter()
+        count = event["num_output_tokens"]
+        reason = event["finish_reason"] or reason
+        sys.stdout.write(event["text_output"])
+        sys.stdout.flush()
+    end = time.perf_counter()
+    decode = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
+    say(f"\n\nfinish reason: {reason}; {count} tokens; time to first token {1000 * (first - start):.1f} ms; "
+        f"{decode:.1f} tokens/s after the first; total {end - start:.2f}s")
+
+
+def serve_through_router(a, overrides: dict, loader_url: str | None, pool_socket: str | None,
+                         stop: threading.Event, say) -> int:
+    """--router N: start N tritonservers and the router over them (a hosts file naming them, the loader and the
+    pool), stream the sample through the router (the first request loads the model), then stop everything."""
+    import tempfile
+    import urllib.request
+
+    from tritonmoe.router.config import RESERVED_PARAMS
+
+    import socket
+
+    with socket.socket() as probe:  # fail now, not after the servers started and the router died
+        try:
+            probe.bind((a.host, a.router_port))
+        except OSError:
+            raise TritonError(f"router port {a.router_port} on {a.host} is already in use (--router-port)") from None
+    work = Path(tempfile.mkdtemp(prefix="tritonmoe-main-router-"))
+    servers = [TritonServer(work / f"repo{i}", host="127.0.0.1", log_path=work / f"server{i}.log",
+                            extra_args=["--disable-auto-complete-config"]) for i in range(a.router)]
+    router = None
+    try:
+        for s in servers:
+            s.model_repository.mkdir(parents=True)
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(servers)) as ex:
+            list(ex.map(lambda s: s.start(timeout=180), servers))
+        say(f"{len(servers)} tritonservers up in {time.perf_counter() - t:.1f}s (logs: {work}/server*.log)")
+        hosts = []
+        for i, s in enumerate(servers):
+            h = {"name": f"h{i}", "http": s.http_url, "grpc": s.grpc_url, "metrics": s.metrics_url,
+                 "device": "gpu:0" if a.device == "gpu" else "cpu"}
+            if loader_url:
+                h["loader"] = loader_url
+            if pool_socket:
+                h["engine_pool"] = pool_socket
+            hosts.append(h)
+        model = {"checkpoint": overrides["checkpoint"], "use_loader": bool(loader_url),
+                 "parameters": {k: v for k, v in overrides.items() if k not in RESERVED_PARAMS}}
+        cfg = work / "hosts.json"
+        cfg.write_text(json.dumps({"hosts": hosts, "models": {a.model: model},
+                                   "listen": {"host": a.host, "port": a.router_port}}, indent=1))
+        with open(work / "router.log", "ab") as log_file:
+            router = subprocess.Popen([sys.executable, "-m", "tritonmoe.router", "--config", str(cfg)],
+                                      stdout=log_file, stderr=subprocess.STDOUT)
+        url, deadline = f"{a.host}:{a.router_port}", time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if router.poll() is not None or time.monotonic() > deadline:
+                    raise TritonError(f"the router did not start (log: {work / 'router.log'}):\n"
+                                      + (work / "router.log").read_text()[-2000:]) from None
+                time.sleep(0.2)
+        say(f"router up at http://{url} over {len(servers)} servers (hosts file {cfg}; log {work / 'router.log'}); "
+            f"model '{a.model}' deployed, loads on the first request")
+        stream_sample(url, a, say)
+        with urllib.request.urlopen(f"http://{url}/admin/models", timeout=10) as r:
+            where = next(m["instances"] for m in json.load(r)["models"] if m["name"] == a.model)
+        say(f"served by {', '.join(where) or 'no instance left'} (of {', '.join(h['name'] for h in hosts)})")
+        if a.serve:
+            say(f"\nrouting '{a.model}' until Ctrl-C: curl -X POST http://{url}/v1/completions -H "
+                f"'Content-Type: application/json' -d '{{\"model\": \"{a.model}\", \"prompt\": \"def \", "
+                f"\"max_tokens\": 16}}'")
+            while not stop.wait(0.5):
+                if router.poll() is not None:
+                    say(f"the router exited with code {router.returncode}")
+                    return 1
+        return 0
+    finally:
+        say("stopping the router and its tritonservers ...")
+        if router is not None and router.poll() is None:
+            router.terminate()
+            try:
+                router.wait(30)
+            except subprocess.TimeoutExpired:
+                router.kill()
+        for s in servers:
+            s.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
