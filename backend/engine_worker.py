@@ -75,6 +75,7 @@ class EngineHost:
         self.model, self.tokenizer, self.offloader = loaded.model, loaded.tokenizer, loaded.offloader
         self.phases, self.layout = dict(loaded.phases), loaded.layout
         self._on_step_cb, self._next_offload_publish = on_step, 0.0
+        self._first_step_logged = False
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs,
                              max_model_len=cfg.max_model_len, offloader=self.offloader,
                              on_step=self._on_step if on_step is not None else None)
@@ -114,6 +115,11 @@ class EngineHost:
         self.engine.cancel(seq_id)
 
     def _on_step(self, running: int, seconds: float) -> None:
+        if not self._first_step_logged:
+            # the first forward pays whatever the warm-up did not (lazy kernel loading for this model's shapes,
+            # allocator growth): logged so a slow first token can be told apart from time spent outside the engine
+            self._first_step_logged = True
+            log.info(f"first engine step of this model: {seconds:.3f}s ({running} running)")
         stats = None
         # on the engine thread, between forwards: the only place the offloader's counters are consistent
         if self.offloader is not None and (running == 0 or time.monotonic() >= self._next_offload_publish):
