@@ -61,8 +61,10 @@ def load_for_serving(cfg: EngineConfig, device: torch.device) -> LoadedModel:
 
 
 def _finish(model, cfg: EngineConfig, device: torch.device, files: Path, layout: str,
-            phases: dict[str, float]) -> LoadedModel:
-    """What every load path does last: the experts (offloaded, or resident with the chosen kernel), the tokenizer."""
+            phases: dict[str, float], host_store=None) -> LoadedModel:
+    """What every load path does last: the experts (offloaded, or resident with the chosen kernel), the tokenizer.
+    ``host_store``: the offloading host tier, when the load path built one (experts in the loader's shared memory);
+    without one the model's expert parameters are packed into a new one."""
     offloader = None
     if cfg.offload is None:
         _choose_experts_kernel(model, cfg.experts_implementation, device)
@@ -71,7 +73,7 @@ def _finish(model, cfg: EngineConfig, device: torch.device, files: Path, layout:
 
         with _phase(phases, "offload_setup"):
             try:
-                offloader = attach_offloading(model, cfg.offload, device=device)
+                offloader = attach_offloading(model, cfg.offload, device=device, host_store=host_store)
             except ValueError as e:
                 raise CheckpointError(f"cannot offload the experts of {cfg.checkpoint}: {e}") from e
     with _phase(phases, "tokenizer"):
@@ -149,12 +151,79 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
                 log.info("using the mapping of %s made before this load (page-locked: %s)", ckpt.path, ckpt.pinned)
         config = check_folder(ckpt.path, weights_glob="*.bin")
         torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
-        experts_device = torch.device("cpu") if cfg.offload is not None else device
+        host_store = None
+        if cfg.offload is not None:  # the host tier: the shared memory itself where the experts map onto it
+            host_store = _shm_host_store(ckpt, device, torch_dtype, cfg, phases)
+        experts_device = device if cfg.offload is None else "meta" if host_store is not None else torch.device("cpu")
         model = load_hf_model_from_shm(ckpt, device, torch_dtype, experts_device=experts_device,
                                        phases=phases).eval()  # adds gpu_copy and build
     except (LoaderError, FormatError) as e:
         raise CheckpointError(f"cannot load {cfg.checkpoint} through the loader at {cfg.loader_url}: {e}") from e
-    loaded = _finish(model, cfg, device, ckpt.path, "tritonmoe-loader", phases)  # the DRAM copy has the tokenizer
+    loaded = _finish(model, cfg, device, ckpt.path, "tritonmoe-loader", phases,  # the DRAM copy has the tokenizer
+                     host_store=host_store)
     log.info("loaded %s through the loader %s (%s): %s", cfg.checkpoint, cfg.loader_url, ckpt.path,
              ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
     return loaded
+
+
+def _shm_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineConfig, phases: dict[str, float]):
+    """The offloading host tier as views of the loader's shared memory (``PartsHostStore``: each expert a few byte
+    ranges of the mapping, copied into its cache slot part by part), or None -- logged with the reason -- where the
+    checkpoint's expert tensors are not byte ranges of transformers' fused expert parameters (dtype casts,
+    transposed or quantised experts, ...): the experts are then fused by transformers and packed into a host tier
+    of their own, a second copy in this process. On CUDA with ``expert_pin_host_memory`` the mapping is
+    page-locked (``ShmCheckpoint.pin``, once per mapping; a warm pool worker may have done it already) so the
+    expert copies run asynchronously, and parts are split at the registration grid (a copy never spans two
+    registrations)."""
+    from tritonmoe.backend.offload.host_store import PartsHostStore
+    from tritonmoe.backend.offload.layout import ExpertLayout
+    from tritonmoe.loader.hf_model import ExpertMappingError, expert_sources, experts_modules, meta_model
+
+    with _phase(phases, "expert_map"):
+        skeleton = meta_model(ckpt.path, dtype)  # names, shapes and dtypes only
+        try:
+            sources = expert_sources(ckpt, skeleton)
+            modules = [m for _, m in experts_modules(skeleton)]
+            layout = ExpertLayout.of_experts_module(modules[0])
+            if any(ExpertLayout.of_experts_module(m) != layout for m in modules[1:]):
+                raise ExpertMappingError("the MoE layers' expert layouts differ")
+        except ExpertMappingError as e:
+            log.warning("expert offloading of %s: the host tier is a packed copy of the experts (a second copy "
+                        "beside the loader's shared memory) because they cannot be served from the shared memory: "
+                        "%s", cfg.checkpoint, e)
+            return None
+    split_grid = None
+    pin = device.type == "cuda" and cfg.offload.pin_host_memory
+    if pin:
+        from tritonmoe.loader.device_copy import DEFAULT_COPY_CHUNK
+
+        if not ckpt.pinned:
+            with _phase(phases, "pin"):
+                ckpt.pin(DEFAULT_COPY_CHUNK)
+        if ckpt.pinned:
+            split_grid = _grid_splitter(DEFAULT_COPY_CHUNK)
+        else:
+            log.warning("could not page-lock the shared memory of %s: expert copies from it will be synchronous",
+                        ckpt.path)
+    store = PartsHostStore.from_sources(layout, sources, pinned=pin and ckpt.pinned, keepalive=ckpt,
+                                        split_grid=split_grid)
+    log.info("expert offloading of %s: the host tier is the loader's shared memory (%d layers x %d experts, "
+             "%.1f copies per expert, %.2f GB not copied)", cfg.checkpoint, store.num_layers, store.num_experts,
+             store.num_parts / (store.num_layers * store.num_experts), store.total_bytes / 1e9)
+    return store
+
+
+def _grid_splitter(chunk: int):
+    """Split a uint8 view of a partition mapping where it crosses a multiple of ``chunk`` bytes from the start of
+    the partition: ``ShmCheckpoint.pin`` registers the mapping in pieces on that grid."""
+
+    def split(view: torch.Tensor) -> list[torch.Tensor]:
+        start = view.data_ptr() - view.untyped_storage().data_ptr()  # offset in its partition
+        pieces, pos, end = [], start, start + view.numel()
+        while pos < end:
+            stop = min(end, (pos // chunk + 1) * chunk)
+            pieces.append(view[pos - start:stop - start])
+            pos = stop
+        return pieces
+
+    return split

@@ -1,4 +1,5 @@
-"""Moving an expert from its host buffer into a cache slot.
+"""Moving an expert from the host tier into a cache slot: one copy from a packed host buffer, or one copy per
+part when the store is multi-part (``store.multipart``: experts viewed in the loader's shared memory).
 
 Every engine offers the same calls, made by the cache and the layer computation in this order: ``bind`` (once:
 the cache pool and the host tier), ``load_many`` (start filling slots: ``urgent`` for on-demand fetches, else
@@ -47,13 +48,21 @@ class SyncCopyEngine:
 
     def bind(self, pool: torch.Tensor, store) -> None:
         self._pool, self._store = pool, store
+        self._multipart = getattr(store, "multipart", False)
 
     def load_many(self, slots: np.ndarray, layers, experts: np.ndarray, urgent: bool) -> None:
         start = time.perf_counter()
         per_expert = np.ndim(layers) > 0
-        for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
-            layer = int(layers[i]) if per_expert else layers
-            self._pool[slot].copy_(self._store.buffer(layer, expert))
+        if not self._multipart:  # one contiguous host buffer per expert: one copy
+            for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
+                layer = int(layers[i]) if per_expert else layers
+                self._pool[slot].copy_(self._store.buffer(layer, expert))
+        else:  # an expert in a few parts (views of the loader's shared memory): one copy per part into the slot
+            for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
+                layer = int(layers[i]) if per_expert else layers
+                dst = self._pool[slot]
+                for src, offset in self._store.parts(layer, expert):
+                    dst[offset:offset + src.numel()].copy_(src)
         if urgent:
             self._stats.stall_s[layers] += time.perf_counter() - start
 

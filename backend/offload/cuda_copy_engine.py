@@ -9,7 +9,9 @@
   have been issued; each slot remembers the layer that last read it, and a later copy into the slot waits on that
   layer's event, so it cannot overwrite weights still in use. (The event's latest record is at or after the
   slot's last read: the wait is exact or later, never earlier. One record per round, not one per slot.)
-- Copies are addressed by pointer arithmetic on the pool and the host tier (no tensor views per copy).
+- Copies are addressed by pointer arithmetic on the pool and the host tier (no tensor views per copy). A
+  multi-part store (experts viewed in the loader's shared memory) gets one copy per part, same stream, before the
+  slot's ``ready`` event; the source must be page-locked for the copies to be asynchronous.
 - Stall time is measured on the GPU by a pair of timing events around each wait, read back later without
   blocking (``collect``).
 
@@ -69,7 +71,14 @@ class CudaCopyEngine:
         """The cache pool ``[num_slots, slot_bytes]`` copies go into, and the host tier they come from."""
         self._dst0 = pool.data_ptr()
         self._nbytes = store.layout.slot_bytes
-        self._src0 = [store.buffer(layer, 0).data_ptr() for layer in range(store.num_layers)]
+        if getattr(store, "multipart", False):
+            # per layer, per expert: (source address, offset in the slot, bytes) of each part
+            self._src0 = None
+            self._parts = [[[(src.data_ptr(), offset, src.numel()) for src, offset in store.parts(layer, expert)
+                             if src.numel()] for expert in range(store.num_experts)]
+                           for layer in range(store.num_layers)]
+        else:
+            self._src0 = [store.buffer(layer, 0).data_ptr() for layer in range(store.num_layers)]
         with torch.cuda.device(self._device_index):
             self._released = [_check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
                               for _ in range(store.num_layers)]
@@ -91,7 +100,13 @@ class CudaCopyEngine:
                 _check(cudart.cudaStreamWaitEvent(stream, self._released[reader], 0))
             if slot in self._loading:
                 _check(cudart.cudaStreamWaitEvent(stream, self._ready[slot], 0))
-            _check(cudart.cudaMemcpyAsync(dst0 + slot * nbytes, src0[layer] + expert * nbytes, nbytes, kind, stream))
+            if src0 is not None:  # packed host tier: one copy per expert
+                _check(cudart.cudaMemcpyAsync(dst0 + slot * nbytes, src0[layer] + expert * nbytes, nbytes, kind,
+                                              stream))
+            else:  # multi-part expert: one copy per part, all on this stream before the slot's ready event
+                dst = dst0 + slot * nbytes
+                for src, offset, size in self._parts[layer][expert]:
+                    _check(cudart.cudaMemcpyAsync(dst + offset, src, size, kind, stream))
             _check(cudart.cudaEventRecord(self._ready[slot], stream))
             self._loading.add(slot)
             if urgent:
