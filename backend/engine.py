@@ -198,15 +198,18 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(self._running), time.perf_counter() - started)
 
-    def _forward(self, seq_ids: list[str], phase: str, **inputs) -> torch.Tensor:
+    def _forward(self, seq_ids: list[str], phase: str, resumed: list[int] | None = None, **inputs) -> torch.Tensor:
         if self.offloader is not None:
-            self.offloader.begin_forward(seq_ids, phase)
+            self.offloader.begin_forward(seq_ids, phase, resumed=resumed)
         return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
     def _prefill(self, seq: Sequence) -> None:
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([seq.context_ids], device=self.device)
-        logits = self._forward([seq.id], "prefill", input_ids=ids, past_key_values=cache)
+        # resumed output tokens were decode steps where the stream began: the offloader traces them as such
+        resumed = len(seq.context_ids) - len(seq.prompt_ids)
+        logits = self._forward([seq.id], "prefill", resumed=[resumed] if resumed else None, input_ids=ids,
+                               past_key_values=cache)
         self._batch.add(cache, len(seq.context_ids))
         self._running.append(seq)
         self._accept(seq, self._pick([seq], logits)[0])

@@ -1,7 +1,9 @@
 """Expert activation matrices (MoE-Infinity, arXiv 2401.14361 §4): tracing, the collection, and matching.
 
 - EAM: ``L x E`` counts, ``M[i][j]`` = tokens of a request routed to expert ``j`` of MoE layer ``i``. Each running
-  request keeps two, prefill and decode apart (:class:`ActivationTracer`).
+  request keeps two, prefill and decode apart (:class:`ActivationTracer`). A request resumed after a live
+  migration recomputes its earlier output in its prefill; those rows were decode steps where it began, and they
+  count into its decode EAM, which so starts as the source's (``resumed`` below).
 - EAMC: a fixed-capacity collection of finished requests' EAMs; when full, a new one replaces the stored EAM most
   similar to it by cosine, which keeps both recency and diversity (:class:`EAMCollection`).
 - Prediction: the running request's partial EAM (rows up to the current layer) is matched against the collection by
@@ -27,19 +29,33 @@ class ActivationTracer:
         self.shape = (num_layers, num_experts)
         self._eams: dict[str, np.ndarray] = {}  # seq_id -> [2 (phase), L, E] counts
         self._rows: list[np.ndarray] = []  # this forward's EAM per row group, for the phase being run
+        self._decode_rows: list[np.ndarray] = []  # their decode EAMs, in a prefill with resumed tokens
 
-    def begin_forward(self, seq_ids: list[str], phase: str) -> list[np.ndarray]:
-        """Start a forward whose row groups belong to ``seq_ids``; returns their live ``[L, E]`` EAMs."""
+    def begin_forward(self, seq_ids: list[str], phase: str, resumed: bool = False) -> list[np.ndarray]:
+        """Start a forward whose row groups belong to ``seq_ids``; returns their live ``[L, E]`` EAMs.
+
+        ``resumed``: a prefill some of whose rows are output tokens resumed from another server (given to
+        :meth:`record` as ``resumed_counts``); those go to the decode EAMs."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if resumed and phase != "prefill":
+            raise ValueError("only a prefill recomputes resumed tokens")
         p = PHASES.index(phase)
-        self._rows = [self._eams.setdefault(s, np.zeros((2, *self.shape), dtype=np.int64))[p] for s in seq_ids]
+        eams = [self._eams.setdefault(s, np.zeros((2, *self.shape), dtype=np.int64)) for s in seq_ids]
+        self._rows = [e[p] for e in eams]
+        self._decode_rows = [e[1] for e in eams] if resumed else []
         return self._rows
 
-    def record(self, layer: int, counts: np.ndarray) -> None:
-        """Add ``counts`` (``[len(seq_ids), E]``, tokens per expert of each sequence) to row ``layer``."""
+    def record(self, layer: int, counts: np.ndarray, resumed_counts: np.ndarray | None = None) -> None:
+        """Add ``counts`` (``[len(seq_ids), E]``, tokens per expert of each sequence) to row ``layer``; the part of
+        them from resumed tokens (``resumed_counts``, same shape; forwards begun with ``resumed``) goes to the
+        decode EAMs instead."""
         for eam, c in zip(self._rows, counts):
             eam[layer] += c
+        if resumed_counts is not None:
+            for prefill, decode, c in zip(self._rows, self._decode_rows, resumed_counts, strict=True):
+                prefill[layer] -= c
+                decode[layer] += c
 
     def finish(self, seq_id: str) -> np.ndarray | None:
         """Forget ``seq_id``; returns its ``[2, L, E]`` EAM (None if it never ran)."""

@@ -77,6 +77,7 @@ class Offloader:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
         self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
+        self._resumed: list[int] | None = None  # per sequence, its last rows that are resumed tokens (a prefill)
         self._expert_dtype = self.cache.views[store.layout.names[0]].dtype
         self._slot_of = np.zeros(num_experts, dtype=np.int64)  # scratch: expert -> slot of the current round
 
@@ -89,14 +90,21 @@ class Offloader:
             self.prefetch_policy._limit = min(self.num_slots, 4 * self.prefetch_queue._window)
 
     # ---- the engine's interface -------------------------------------------------------------------------------
-    def begin_forward(self, seq_ids: list[str], phase: str) -> None:
-        """Before each model forward: row ``r`` of it belongs to ``seq_ids[r // (rows / len(seq_ids))]``."""
+    def begin_forward(self, seq_ids: list[str], phase: str, resumed: list[int] | None = None) -> None:
+        """Before each model forward: row ``r`` of it belongs to ``seq_ids[r // (rows / len(seq_ids))]``.
+
+        ``resumed`` (a prefill only): per sequence, how many of its last rows are output tokens resumed from another
+        server (live migration). They were decode steps there, so their routing counts into the decode EAM, which
+        then equals the source's and drives the prediction from the first decode step."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if not seq_ids:
             raise ValueError("begin_forward needs at least one sequence id")
+        if resumed is not None and (phase != "prefill" or len(resumed) != len(seq_ids) or min(resumed) < 0):
+            raise ValueError("resumed: a prefill's count of resumed tokens (>= 0) per sequence")
         self._row_groups = len(seq_ids)
-        eams = self.tracer.begin_forward(list(seq_ids), phase)
+        self._resumed = list(resumed) if resumed is not None and any(resumed) else None
+        eams = self.tracer.begin_forward(list(seq_ids), phase, resumed=self._resumed is not None)
         if self.predictor is not None:
             self.predictor.begin_forward(eams, phase)
 
@@ -127,7 +135,7 @@ class Offloader:
         routing = top_k_index.cpu().numpy()  # the one host sync per layer: what to fetch depends on it
         host_start = time.perf_counter()
         counts = self._counts_per_sequence(routing)
-        self.tracer.record(layer, counts)
+        self.tracer.record(layer, counts, None if self._resumed is None else self._resumed_counts(routing))
         if self.predictor is not None:
             self.predictor.observe(layer)
         self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states))
@@ -209,6 +217,14 @@ class Offloader:
                              "begin_forward")
         ids = routing.reshape(groups, -1) + (np.arange(groups) * experts)[:, None]
         return np.bincount(ids.ravel(), minlength=groups * experts).reshape(groups, experts)
+
+    def _resumed_counts(self, routing: np.ndarray) -> np.ndarray:
+        """``[row_groups, E]``: like :meth:`_counts_per_sequence`, over each sequence's last ``resumed`` rows."""
+        rows = routing.shape[0] // self._row_groups
+        if max(self._resumed) > rows:
+            raise ValueError(f"{max(self._resumed)} resumed tokens do not fit a sequence's {rows} rows")
+        return np.stack([np.bincount(routing[(i + 1) * rows - n:(i + 1) * rows].ravel(),
+                                     minlength=self.store.num_experts) for i, n in enumerate(self._resumed)])
 
 
 def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
