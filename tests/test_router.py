@@ -369,3 +369,28 @@ def test_model_unloaded_behind_the_routers_back(cluster, tiny, reference):
         assert r["output_token_ids"] == ids
     wait_for(lambda: sum(1 for h in cluster.router.hosts if h.ready_instance("greedy")) == 2, 120,
              "min_instances to restore the second instance")
+
+
+def test_genai_perf_profiles_the_routers_openai_api(cluster, tiny, tmp_path):
+    """genai-perf as users run it against an OpenAI-compatible server: the router's /v1/completions, streaming,
+    with the bearer token; every request streams to a "length" finish and [DONE]."""
+    from tritonmoe.tools import genai_perf
+
+    requests, input_tokens, output_tokens = 8, 24, 8
+    summary, raw = genai_perf.profile("greedy", cluster.url.removeprefix("http://"), tiny("mixtral"),
+                                      tmp_path / "artifacts", input_tokens=input_tokens, output_tokens=output_tokens,
+                                      requests=requests, concurrency=2, endpoint="completions",
+                                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=400)
+    assert summary["request_count"]["avg"] == requests
+    assert summary["time_to_first_token"]["avg"] > 0
+    assert summary["input_sequence_length"]["avg"] == input_tokens
+    done = raw["experiments"][0]["requests"]
+    assert len(done) >= requests
+    for request in done:
+        events = [line[5:].strip() for out in request["response_outputs"]
+                  for line in out["response"].splitlines() if line.startswith("data:")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert 1 <= len(chunks) <= output_tokens  # one chunk per token at most (text can be held back)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert all(c["model"] == "greedy" for c in chunks)

@@ -11,6 +11,9 @@ is; the tokenizer is the served checkpoint's folder (no download)::
     python -m tritonmoe.tools.genai_perf profile -m tiny_moe --backend vllm --endpoint-type kserve --streaming \\
         -u 127.0.0.1:8001 --tokenizer ~/.cache/tritonmoe/models/tiny-mixtral \\
         --synthetic-input-tokens-mean 128 --output-tokens-mean 64 --concurrency 4 --request-count 50
+
+The router's OpenAI-compatible API works the same way (``--endpoint-type completions`` or ``chat``, ``-u`` its
+HTTP address, ``--header "Authorization:Bearer TOKEN"`` when it wants a token).
 """
 
 from __future__ import annotations
@@ -51,16 +54,27 @@ def run(args: list[str], cwd: str | Path | None = None, timeout: float = 600) ->
     return subprocess.run(_command(args), env=env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def profile(model: str, grpc_url: str, tokenizer: str | Path, artifacts: str | Path, *, input_tokens: int = 32,
+def profile(model: str, url: str, tokenizer: str | Path, artifacts: str | Path, *, input_tokens: int = 32,
             output_tokens: int = 16, requests: int = 20, concurrency: int = 2, streaming: bool = True,
+            endpoint: str = "kserve", headers: dict[str, str] | None = None,
             timeout: float = 600) -> tuple[dict, dict]:
-    """One ``genai-perf profile`` run over gRPC; returns (its summary JSON, perf_analyzer's per-request export)."""
+    """One ``genai-perf profile`` run; returns (its summary JSON, perf_analyzer's per-request export).
+
+    ``endpoint``: ``kserve`` (a tritonserver's gRPC ``url``, our models' vLLM-style I/O) or ``completions`` /
+    ``chat`` (an OpenAI-compatible HTTP ``url``, e.g. the router's; greedy, ``ignore_eos`` so every request
+    generates ``output_tokens``). ``headers``: extra HTTP headers (the router's bearer token)."""
     artifacts = Path(artifacts)
-    args = ["profile", "-m", model, "--backend", "vllm", "--endpoint-type", "kserve", "-u", grpc_url,
+    args = ["profile", "-m", model, "--endpoint-type", endpoint, "-u", url,
             "--tokenizer", str(tokenizer), "--synthetic-input-tokens-mean", str(input_tokens),
             "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(output_tokens),
             "--request-count", str(requests), "--concurrency", str(concurrency),
             "--artifact-dir", str(artifacts), *(["--streaming"] if streaming else [])]
+    if endpoint == "kserve":
+        args += ["--backend", "vllm"]
+    else:
+        args += ["--extra-inputs", f"max_tokens:{output_tokens}", "--extra-inputs", "ignore_eos:true"]
+    for key, value in (headers or {}).items():
+        args += ["--header", f"{key}:{value}"]
     r = run(args, timeout=timeout)
     if r.returncode != 0:
         raise TritonError(f"genai-perf failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
