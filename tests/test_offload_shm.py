@@ -1,0 +1,252 @@
+"""Expert offloading whose host tier is the loader's shared memory: no second copy of the experts in the backend.
+
+Every test goes through a real loader service process (`python -m tritonmoe.loader.service`) and the backend's own
+load path (`backend/weights.py` with `loader_url` and `expert_cache_budget`). Checked: greedy tokens equal
+transformers' `generate()` on the HF checkpoint at one cache slot per layer and at 50% (Mixtral: three parts per
+expert; Qwen3-MoE and DeepSeek-V3: two, gate and up merged into one copy); the host tier's parts are views of the
+mapping and match transformers' own fusion byte for byte for every architecture; a fresh process's anonymous
+memory does not grow by the experts' size (it does on the packed path); a layout that cannot be mapped (a dtype
+cast) falls back to the packed copy and says why in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonmoe.backend.config import EngineConfig
+from tritonmoe.backend.offload.host_store import HostExpertStore, PartsHostStore
+from tritonmoe.backend.weights import load_for_serving
+from tritonmoe.loader.convert import convert
+from tritonmoe.tools.tiny_models import ARCHITECTURES, TinySpec, build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_loader_service import loaders  # noqa: E402,F401  (the fixture: real loader processes, shm cleaned up)
+
+EXPERTS = 8
+BUDGETS = {"one_slot_per_layer": f"{100 / EXPERTS}%", "half": "50%"}
+PROMPT = "def hello(world):\n    return"
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """converted(arch) -> (HF folder, converted folder) of a 3-layer tiny model (built once per module)."""
+    root = tmp_path_factory.mktemp("offload_shm")
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2), root / f"{arch}-hf")
+            made[arch] = (hf, convert(hf, root / arch, progress=False).dest)
+        return made[arch]
+
+    return get
+
+
+def generate(loaded, ids) -> list[int]:
+    """Greedy tokens, each forward announced to the offloader as the serving engine does."""
+    offloader = loaded.offloader
+
+    def announce(module, args, kwargs):
+        rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        offloader.begin_forward(["r"], "prefill" if rows.shape[1] > 1 else "decode")
+
+    hook = loaded.model.register_forward_pre_hook(announce, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = loaded.model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    finally:
+        hook.remove()
+        offloader.end_sequence("r")
+    return out[0, ids.shape[1]:].tolist()
+
+
+def inside_mapping(view: torch.Tensor, partitions: list[torch.Tensor]) -> bool:
+    start, end = view.data_ptr(), view.data_ptr() + view.numel()
+    return any(p.numel() and p.data_ptr() <= start and end <= p.data_ptr() + p.numel() for p in partitions)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_greedy_tokens_from_the_shared_memory_equal_transformers(loaders, converted, reference, arch, caplog):
+    from transformers import AutoTokenizer
+
+    hf, conv = converted(arch)
+    want, _ = reference(hf, PROMPT, NEW_TOKENS)
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids
+    loader = loaders()
+    parts_per_expert = {"mixtral": 3, "qwen3_moe": 2, "deepseek_v3": 2}[arch]  # w1, w3, w2 / gate+up merged, down
+    for name, budget in BUDGETS.items():
+        cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url,
+                                            "expert_cache_budget": budget})
+        with caplog.at_level(logging.INFO, logger="tritonmoe"):
+            loaded = load_for_serving(cfg, torch.device("cpu"))
+        store = loaded.offloader.store
+        assert isinstance(store, PartsHostStore) and store.multipart, name
+        assert "the host tier is the loader's shared memory" in caplog.text
+        assert store.num_parts == parts_per_expert * store.num_layers * store.num_experts
+        stats = loaded.offloader.stats()
+        if name == "one_slot_per_layer":
+            assert stats["num_slots"] == store.num_layers
+        assert generate(loaded, ids) == want, (arch, name)
+        assert loaded.offloader.stats()["misses"] > 0  # experts really were copied from their parts
+        loaded.offloader.close()
+    assert loader.client.status()["models"][0]["dram_fills"] == 1
+
+
+def test_host_tier_is_views_of_the_mapping_and_matches_transformers_fusion(loaders, converted):
+    """For every architecture: each part lies inside the loader's mapping (no copy), the model keeps no expert
+    bytes, and each expert gathered from its parts equals transformers' fused parameters packed by the old path."""
+    from tritonmoe.loader.hf_model import experts_modules, load_hf_model_from_shm
+
+    loader = loaders()
+    for arch in ARCHITECTURES:
+        _, conv = converted(arch)
+        cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url,
+                                            "expert_cache_budget": "25%"})
+        loaded = load_for_serving(cfg, torch.device("cpu"))
+        store = loaded.offloader.store
+        assert isinstance(store, PartsHostStore), arch
+        ckpt = store.keepalive  # the ShmCheckpoint: its mapping lives as long as the store
+        for layer in range(store.num_layers):
+            for expert in range(store.num_experts):
+                for src, _ in store.parts(layer, expert):
+                    assert inside_mapping(src, ckpt.partitions), (arch, layer, expert)
+        for _, module in experts_modules(loaded.model):  # the stand-ins were dropped: nothing of the experts here
+            assert all(p.numel() == 0 for p in module.parameters(recurse=False)), arch
+        # the old path: transformers fuses the experts on the host, the offloader packs them
+        fused = load_hf_model_from_shm(ckpt, "cpu", torch.float32, experts_device="cpu")
+        packed = HostExpertStore.from_experts_modules([m for _, m in experts_modules(fused)], pin=False)
+        assert packed.layout == store.layout, arch
+        for layer in range(store.num_layers):
+            for expert in range(store.num_experts):
+                got, want = store.gather(layer, expert), packed.buffer(layer, expert)
+                for t in store.layout.tensors:
+                    assert torch.equal(got[t.offset:t.offset + t.nbytes], want[t.offset:t.offset + t.nbytes]), \
+                        (arch, layer, expert, t.name)
+        loaded.offloader.close()
+
+
+def test_dtype_cast_falls_back_to_the_packed_copy_and_says_why(loaders, converted, caplog):
+    """A float32 checkpoint served in bfloat16: the experts must be cast, so they cannot be byte ranges of the
+    shared memory; the packed host tier is used and the log says why. It still generates."""
+    from transformers import AutoTokenizer
+
+    hf, conv = converted("qwen3_moe")
+    loader = loaders()
+    cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url,
+                                        "expert_cache_budget": "50%", "dtype": "bfloat16"})
+    with caplog.at_level(logging.INFO, logger="tritonmoe"):
+        loaded = load_for_serving(cfg, torch.device("cpu"))
+    store = loaded.offloader.store
+    assert isinstance(store, HostExpertStore) and not store.multipart
+    assert store.layout.tensors[0].dtype == torch.bfloat16
+    fallback = [r.getMessage() for r in caplog.records if "packed copy" in r.getMessage()]
+    assert len(fallback) == 1 and "float32" in fallback[0] and "dtype cast" in fallback[0], caplog.text
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids
+    assert len(generate(loaded, ids)) == NEW_TOKENS
+    loaded.offloader.close()
+
+
+def test_expert_sources_refuse_what_is_not_a_byte_range(converted):
+    """The mapping is refused (so the caller falls back) for a dtype cast and for a checkpoint whose expert has a
+    tensor the conversion does not merge into a fused parameter."""
+    from tritonmoe.loader.client import ShmCheckpoint
+    from tritonmoe.loader.format import TensorEntry
+    from tritonmoe.loader.hf_model import ExpertMappingError, expert_sources, meta_model
+
+    _, conv = converted("mixtral")
+    with ShmCheckpoint(conv) as ckpt:  # a converted folder maps like the loader's DRAM copy
+        assert len(expert_sources(ckpt, meta_model(conv, torch.float32))) == 3
+        with pytest.raises(ExpertMappingError, match="dtype cast"):
+            expert_sources(ckpt, meta_model(conv, torch.bfloat16))
+        e = ckpt.index.experts[0]
+        first = ckpt.index.tensors[e.tensors[0]]
+        extra = e.module + f".{e.expert}.w1.weight_scale_inv"  # an fp8 scale, say
+        ckpt.index.tensors[extra] = TensorEntry(first.partition, first.offset, 4, [1], [1], "float32", "0")
+        e.tensors.append(extra)
+        with pytest.raises(ExpertMappingError, match="weight_scale_inv"):
+            expert_sources(ckpt, meta_model(conv, torch.float32))
+
+
+# ---- memory of a fresh backend process ---------------------------------------------------------------------------
+def smaps_rollup() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
+    """Load ``checkpoint`` through the loader with offloading in this fresh process (``mode`` "shm": the new path;
+    "packed": the old one, forced by declining the shared-memory tier) and print one JSON line of memory figures."""
+    import gc
+    import resource
+    import time
+
+    import tritonmoe.backend.weights as weights
+    from tritonmoe.loader.hf_model import meta_model
+
+    meta_model(checkpoint, torch.float32)  # warm imports (transformers' model classes) before the baseline
+    if mode == "packed":
+        weights._shm_host_store = lambda *args, **kwargs: None
+    gc.collect()
+    before = smaps_rollup()
+    t = time.perf_counter()
+    cfg = EngineConfig.from_parameters({"checkpoint": checkpoint, "loader_url": url, "expert_cache_budget": budget})
+    loaded = weights.load_for_serving(cfg, torch.device("cpu"))
+    seconds = time.perf_counter() - t
+    gc.collect()
+    after = smaps_rollup()
+    stats = loaded.offloader.stats()
+    with torch.no_grad():
+        loaded.offloader.begin_forward(["r"], "prefill")
+        loaded.model(torch.arange(1, 33)[None])
+    gc.collect()
+    after_forward = smaps_rollup()
+    print(json.dumps({
+        "mode": mode, "seconds": seconds, "experts_bytes": stats["host_bytes"], "cache_bytes": stats["cache_bytes"],
+        "store": type(loaded.offloader.store).__name__,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "before": {"anon": before["Anonymous"], "shared": before["Rss"] - before["Anonymous"]},
+        "after_load": {"anon": after["Anonymous"], "shared": after["Rss"] - after["Anonymous"]},
+        "after_forward": {"anon": after_forward["Anonymous"], "shared": after_forward["Rss"] - after_forward["Anonymous"]},
+    }), flush=True)
+
+
+def measure(url: str, checkpoint: Path, mode: str, budget: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, url, str(checkpoint), mode, budget], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_backend_anonymous_memory_does_not_grow_by_the_experts(loaders, tmp_path):
+    """A fresh process loads an offloaded model (~100 MB of experts) through the loader: on the packed path its
+    anonymous memory grows by at least the experts' size; from the shared memory by far less (the device cache,
+    here host memory, of one slot per layer is 1/8 of the experts, plus the runtime)."""
+    hf = build(TinySpec(arch="mixtral", layers=4, experts=EXPERTS, hidden=256, expert_ffn=1024, heads=4, kv_heads=2,
+                        shard_mb=64), tmp_path / "hf")
+    conv = convert(hf, tmp_path / "conv", progress=False).dest
+    loader = loaders()
+    loader.client.register("mem", conv)
+    loader.client.load("mem")
+    budget = f"{100 / EXPERTS}%"
+    shm, packed = measure(loader.client.url, conv, "shm", budget), measure(loader.client.url, conv, "packed", budget)
+    experts = shm["experts_bytes"]
+    assert experts > 90e6 and shm["store"] == "PartsHostStore" and packed["store"] == "HostExpertStore"
+    grow = {r["mode"]: r["after_load"]["anon"] - r["before"]["anon"] for r in (shm, packed)}
+    assert grow["packed"] >= experts, (grow, experts)
+    assert grow["shm"] < shm["cache_bytes"] + 0.25 * experts, (grow, experts)
+    assert grow["packed"] - grow["shm"] > 0.8 * experts, (grow, experts)
+
+
+if __name__ == "__main__":
+    memory_child(*sys.argv[1:5])
