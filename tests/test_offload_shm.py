@@ -199,12 +199,14 @@ def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
         weights._shm_host_store = lambda *args, **kwargs: None
     gc.collect()
     before = smaps_rollup()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     cfg = EngineConfig.from_parameters({"checkpoint": checkpoint, "loader_url": url, "expert_cache_budget": budget})
     loaded = weights.load_for_serving(cfg, torch.device("cpu"))
     seconds = time.perf_counter() - t
     gc.collect()
     after = smaps_rollup()
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = loaded.offloader.stats()
     with torch.no_grad():
         loaded.offloader.begin_forward(["r"], "prefill")
@@ -214,6 +216,7 @@ def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
     print(json.dumps({
         "mode": mode, "seconds": seconds, "experts_bytes": stats["host_bytes"], "cache_bytes": stats["cache_bytes"],
         "store": type(loaded.offloader.store).__name__,
+        "peak_rss_before": peak_before, "peak_rss_load": peak_load,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "before": {"anon": before["Anonymous"], "shared": before["Rss"] - before["Anonymous"]},
         "after_load": {"anon": after["Anonymous"], "shared": after["Rss"] - after["Anonymous"]},
