@@ -253,3 +253,99 @@ def test_backend_anonymous_memory_does_not_grow_by_the_experts(loaders, tmp_path
 
 if __name__ == "__main__":
     memory_child(*sys.argv[1:5])
+
+
+# ---- pieces, without a GPU -----------------------------------------------------------------------------------------
+def _tiny_store(converted, arch: str, split: int | None = None):
+    from tritonmoe.backend.offload.layout import ExpertLayout
+    from tritonmoe.backend.weights import _grid_splitter
+    from tritonmoe.loader.client import ShmCheckpoint
+    from tritonmoe.loader.hf_model import expert_sources, experts_modules, meta_model
+
+    _, conv = converted(arch)
+    ckpt = ShmCheckpoint(conv)
+    skeleton = meta_model(conv, torch.float32)
+    layout = ExpertLayout.of_experts_module(experts_modules(skeleton)[0][1])
+    return ckpt, PartsHostStore.from_sources(layout, expert_sources(ckpt, skeleton), keepalive=ckpt,
+                                             split_grid=_grid_splitter(split) if split else None)
+
+
+def test_parts_split_at_the_registration_grid(converted):
+    """On CUDA the mapping is page-locked in pieces on a grid; parts are split there so that no copy spans two
+    registrations. Here with a 4 KiB grid (the real one is 64 MiB): same bytes, no part crosses a grid line."""
+    grid = 4096
+    ckpt, whole = _tiny_store(converted, "mixtral")
+    _, split = _tiny_store(converted, "mixtral", split=grid)
+    assert split.num_parts > whole.num_parts
+    for layer in range(whole.num_layers):
+        for expert in range(whole.num_experts):
+            assert torch.equal(split.gather(layer, expert), whole.gather(layer, expert))
+            for src, _ in split.parts(layer, expert):
+                start = src.data_ptr() - src.untyped_storage().data_ptr()
+                assert start // grid == (start + src.numel() - 1) // grid
+
+
+def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, monkeypatch):
+    """NOT a GPU test: CudaCopyEngine's multi-part path run against a stand-in `cuda.bindings.runtime` whose
+    cudaMemcpyAsync is a host memmove, into a host pool. It checks the engine's pointer arithmetic (each part's
+    source address, its offset in the slot, its size; the one-copy path unchanged), nothing about CUDA itself."""
+    import ctypes
+    import types
+
+    import numpy as np
+
+    calls = []
+
+    class Enum:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    def memcpy(dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+        calls.append(n)
+        return (0,)
+
+    rt = types.SimpleNamespace(
+        cudaError_t=Enum(cudaSuccess=0, cudaErrorNotReady=600), cudaMemcpyKind=Enum(cudaMemcpyHostToDevice=1),
+        cudaMemcpyAsync=memcpy, cudaEventRecord=lambda ev, stream: (0,), cudaStreamWaitEvent=lambda s, e, f: (0,),
+        cudaEventQuery=lambda ev: (0,), cudaEventCreateWithFlags=lambda flags: (0, object()),
+        cudaEventDisableTiming=2, cudaGetErrorName=lambda err: (0, b"stand-in"))
+    cuda = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime, cuda.bindings = rt, bindings
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+    # a private copy of the module bound to the stand-in (the real one, if imported, is left alone)
+    import importlib.util
+
+    import tritonmoe.backend.offload as offload_pkg
+
+    spec = importlib.util.spec_from_file_location("tritonmoe.backend.offload._standin_cuda_copy_engine",
+                                                  Path(offload_pkg.__file__).parent / "cuda_copy_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    CudaCopyEngine = module.CudaCopyEngine
+
+    def engine(store, slots):
+        e = object.__new__(CudaCopyEngine)  # __init__ makes streams on a GPU; the copy path needs only these
+        e._device_index, e._demand_stream, e._prefetch_stream = -1, "demand", "prefetch"
+        e._ready, e._last_reader = [object()] * slots, [-1] * slots
+        e._loading, e._prefetching = set(), set()
+        pool = torch.zeros((slots, store.layout.slot_bytes), dtype=torch.uint8)
+        e.bind(pool, store)
+        return e, pool
+
+    _, store = _tiny_store(converted, "mixtral")
+    eng, pool = engine(store, 4)
+    eng.load_many(np.array([2, 0]), 1, np.array([5, 7]), urgent=True)
+    eng.load_many(np.array([1, 3]), np.array([0, 2]), np.array([3, 0]), urgent=False)
+    for slot, (layer, expert) in zip([2, 0, 1, 3], [(1, 5), (1, 7), (0, 3), (2, 0)]):
+        assert torch.equal(pool[slot], store.gather(layer, expert)), (slot, layer, expert)
+    assert len(calls) == 4 * 3  # Mixtral: three parts per expert
+    packed = HostExpertStore(store.layout, [torch.stack([store.gather(layer, e) for e in range(store.num_experts)])
+                                            for layer in range(store.num_layers)])
+    calls.clear()
+    eng, pool = engine(packed, 2)
+    eng.load_many(np.array([1]), 2, np.array([6]), urgent=True)
+    assert calls == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
