@@ -154,9 +154,17 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
         host_store = None
         if cfg.offload is not None:  # the host tier: the shared memory itself where the experts map onto it
             host_store = _shm_host_store(ckpt, device, torch_dtype, cfg, phases)
-        experts_device = device if cfg.offload is None else "meta" if host_store is not None else torch.device("cpu")
-        model = load_hf_model_from_shm(ckpt, device, torch_dtype, experts_device=experts_device,
-                                       phases=phases).eval()  # adds gpu_copy and build
+        if cfg.offload is None:
+            model = load_hf_model_from_shm(ckpt, device, torch_dtype, phases=phases).eval()  # + gpu_copy, build
+        else:
+            # Offloaded: built on the host, as the non-loader path does, without a device_map (transformers would
+            # dispatch CPU-mapped experts with accelerate's offload hooks, and pre-reserve the experts' bytes on
+            # the GPU); attach_offloading then moves the non-expert weights to the device (from the page-locked
+            # mapping when it is pinned). The experts: stand-ins when the host tier is the shared memory, else
+            # fused by transformers on the host for the packed tier.
+            model = load_hf_model_from_shm(ckpt, "cpu", torch_dtype,
+                                           experts_device="meta" if host_store is not None else "cpu",
+                                           phases=phases).eval()
     except (LoaderError, FormatError) as e:
         raise CheckpointError(f"cannot load {cfg.checkpoint} through the loader at {cfg.loader_url}: {e}") from e
     loaded = _finish(model, cfg, device, ckpt.path, "tritonmoe-loader", phases,  # the DRAM copy has the tokenizer
