@@ -152,7 +152,9 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
         config = check_folder(ckpt.path, weights_glob="*.bin")
         torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
         host_store = None
-        if cfg.offload is not None:  # the host tier: the shared memory itself where the experts map onto it
+        tier = cfg.offload.host_tier if cfg.offload is not None else None
+        if tier == "shared" or (tier == "auto" and device.type != "cuda"):
+            # the host tier: the shared memory itself where the experts map onto it
             host_store = _shm_host_store(ckpt, device, torch_dtype, cfg, phases)
         if cfg.offload is None:
             model = load_hf_model_from_shm(ckpt, device, torch_dtype, phases=phases).eval()  # + gpu_copy, build

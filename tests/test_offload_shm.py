@@ -154,6 +154,24 @@ def test_dtype_cast_falls_back_to_the_packed_copy_and_says_why(loaders, converte
     loaded.offloader.close()
 
 
+def test_host_tier_packed_keeps_a_copy_of_its_own_and_the_same_tokens(loaders, converted, reference):
+    """expert_host_tier=packed (what "auto" picks on a GPU until the shared tier is verified there): the experts
+    are packed into a host tier of the process, and the tokens are the same."""
+    from transformers import AutoTokenizer
+
+    hf, conv = converted("mixtral")
+    want, _ = reference(hf, PROMPT, NEW_TOKENS)
+    loader = loaders()
+    cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url,
+                                        "expert_cache_budget": "50%", "expert_host_tier": "packed"})
+    loaded = load_for_serving(cfg, torch.device("cpu"))
+    store = loaded.offloader.store
+    assert isinstance(store, HostExpertStore) and not store.multipart
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids
+    assert generate(loaded, ids) == want
+    loaded.offloader.close()
+
+
 def test_expert_sources_refuse_what_is_not_a_byte_range(converted):
     """The mapping is refused (so the caller falls back) for a dtype cast and for a checkpoint whose expert has a
     tensor the conversion does not merge into a fused parameter."""

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, fields
 
 EVICTION_POLICIES = ("lru", "lfu", "activation")
+HOST_TIERS = ("auto", "shared", "packed")
 PREFETCH_POLICIES = ("none", "activation", "lookahead")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -68,6 +69,10 @@ class OffloadConfig:
     eamc_path: str | None = None
     eamc_top_matches: int = 4
     pin_host_memory: bool = True
+    # through the loader: "shared" serves the host tier from the loader's shared memory (no second copy), "packed"
+    # copies the experts into a host tier of this process, "auto" is shared on the CPU and packed on a GPU -- the
+    # shared tier page-locks the whole DRAM copy in the backend process, which is not verified on a GPU yet
+    host_tier: str = "auto"
 
     def __post_init__(self):
         ExpertBudget.parse(self.cache_budget)
@@ -79,6 +84,8 @@ class OffloadConfig:
             raise ValueError(f"eamc_capacity must be at least 1, got {self.eamc_capacity}")
         if self.eamc_top_matches < 1:
             raise ValueError(f"eamc_top_matches must be at least 1, got {self.eamc_top_matches}")
+        if self.host_tier not in HOST_TIERS:
+            raise ValueError(f"host_tier must be one of {', '.join(HOST_TIERS)}, got {self.host_tier!r}")
 
     @property
     def budget(self) -> ExpertBudget:
@@ -116,6 +123,7 @@ PARAMETER_KEYS = {
     "eamc_path": "eamc_path",
     "eamc_top_matches": "eamc_top_matches",
     "pin_host_memory": "expert_pin_host_memory",
+    "host_tier": "expert_host_tier",
 }
 assert set(PARAMETER_KEYS) == {f.name for f in fields(OffloadConfig)}
 
