@@ -367,3 +367,32 @@ def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, mo
     eng, pool = engine(packed, 2)
     eng.load_many(np.array([1]), 2, np.array([6]), urgent=True)
     assert calls == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (-m gpu on the GPU machine)")
+@pytest.mark.parametrize("tier", ["shared", "packed"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, tier):
+    """On the GPU, bf16: an offloaded model loaded through a real loader, with the host tier the loader's
+    page-locked shared memory (``shared``: multi-part copies by the cuda-python engine) or a packed pinned copy,
+    generates what the stock model on the GPU generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2, dtype="bfloat16"), tmp_path / f"{arch}-hf")
+    conv = convert(hf, tmp_path / arch, progress=False).dest
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda").eval()
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    want = want[0, ids.shape[1]:].tolist()
+    loader = loaders()
+    cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url, "dtype": "bfloat16",
+                                        "expert_cache_budget": BUDGETS["one_slot_per_layer"],
+                                        "expert_host_tier": tier})
+    loaded = load_for_serving(cfg, torch.device("cuda", 0))
+    store = loaded.offloader.store
+    assert store.multipart == (tier == "shared") and store.pinned
+    assert generate(loaded, ids) == want
+    assert loaded.offloader.stats()["misses"] > 0
+    loaded.offloader.close()
