@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 PHASES = ("prefill", "decode")
+SHARES_KEPT = 256  # row-normalised match sums kept per collection and phase (each L x E float64)
 
 
 class ActivationTracer:
@@ -144,6 +145,7 @@ class ActivationPredictor:
         self.version = 0  # bumped whenever ``prediction`` changes (it is replaced, never written in place)
         # prefetch weight of a layer d ahead: 1 - d/L (row d-1)
         self._proximity = (1.0 - np.arange(1, num_layers + 1) / num_layers)[:, None]
+        self._neg_proximity = -self._proximity
         self._derived: dict[int, tuple] = {}  # phase -> (source array, stored64, rows [L, E, n], prefix norms)
         self.begin_forward([], "decode")
 
@@ -154,51 +156,101 @@ class ActivationPredictor:
             return cached[1:]
         stored = src[:, phase].astype(np.float64)  # [n, L, E]
         rows = np.ascontiguousarray(stored.transpose(1, 2, 0))  # [L, E, n]: row l's products in one matmul
-        norm2 = np.cumsum((stored ** 2).sum(axis=2), axis=1)  # [n, L] prefixes
-        self._derived[phase] = (src, stored, rows, norm2)
-        return stored, rows, norm2
+        norm2 = np.ascontiguousarray(np.cumsum((stored ** 2).sum(axis=2), axis=1).T)  # [L, n] prefixes
+        positive = (norm2 > 0).all(axis=1).tolist()  # per layer: no entry is empty up to it
+        self._derived[phase] = (src, stored, rows, norm2, positive, {})
+        return stored, rows, norm2, positive, {}
 
     def begin_forward(self, eams: list[np.ndarray], phase: str) -> None:
         """``eams``: the live ``[L, E]`` EAMs of this forward's sequences, in ``phase``."""
         self._eams = eams
-        self._stored, self._stored_rows, self._stored_norm2 = self._derive(PHASES.index(phase))
+        (self._stored, self._stored_rows, self._stored_norm2, self._stored_positive,
+         self._shares) = self._derive(PHASES.index(phase))
         self._dot = np.zeros((len(eams), len(self._stored)))
         self._q_norm2 = np.zeros(len(eams))
         self._next_row = 0
         self._chosen = None  # per sequence, the entries its prediction was built from
+        self._sums = ([], [])  # (parts, running sums) of the last multi-sequence prediction
         if not eams or not len(self._stored):
             self.prediction = np.zeros_like(self.prediction)
             self.version += 1
 
     def observe(self, layer: int) -> None:
-        """Row ``layer`` of every sequence's EAM is final for this forward: refresh the prediction."""
-        if not self._eams or not len(self._stored):
+        """Row ``layer`` of every sequence's EAM is final for this forward: refresh the prediction.
+
+        Counts are integers, so the dot products and squared norms are exact in float64 whatever the order of
+        summation; the similarity is ``dot / sqrt(|q|^2 |s|^2)`` (0 where a norm is 0), the best matches an
+        ``argpartition`` of it, as they always were."""
+        eams = self._eams
+        if not eams or not len(self._stored):
             self._next_row = layer + 1
             return
+        single = len(eams) == 1
         for row in range(self._next_row, layer + 1):
-            q = np.stack([eam[row] for eam in self._eams]).astype(np.float64)  # [batch, E]
-            self._dot += q @ self._stored_rows[row]
-            self._q_norm2 += np.einsum("be,be->b", q, q)
+            if single:  # [E] . [E, entries]
+                q = eams[0][row].astype(np.float64)
+                self._dot += q @ self._stored_rows[row]
+                self._q_norm2 += q @ q
+            else:
+                q = np.stack([eam[row] for eam in eams]).astype(np.float64)
+                self._dot += q @ self._stored_rows[row]  # [batch, entries]
+                self._q_norm2 += (q * q).sum(axis=1)
         self._next_row = layer + 1
-        den = np.sqrt(np.outer(self._q_norm2, self._stored_norm2[:, layer]))
-        sims = np.divide(self._dot, den, out=np.zeros_like(self._dot), where=den > 0)
+        if single and self._stored_positive[layer] and self._q_norm2[0] > 0:  # no zero norm: a plain division
+            sims = self._dot / np.sqrt(self._stored_norm2[layer] * self._q_norm2[0])
+        else:
+            den = np.sqrt(self._q_norm2[:, None] * self._stored_norm2[layer])
+            if self._stored_positive[layer] and self._q_norm2.all():
+                sims = self._dot / den
+            else:
+                sims = np.divide(self._dot, den, out=np.zeros_like(self._dot), where=den > 0)
         k = min(self.top_matches, sims.shape[1])
-        best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
-            np.broadcast_to(np.arange(k), sims.shape)
-        # an entry sharing no expert tells nothing; sorted, so equal sets compare equal
-        chosen = [tuple(sorted(b[s[b] > 0].tolist())) for b, s in zip(best, sims)]
+        if k < sims.shape[1]:
+            best = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            # an entry sharing no expert tells nothing; sorted, so equal sets compare equal
+            chosen = [tuple(sorted(e for e in b if s[e] > 0)) for b, s in zip(best.tolist(), sims.tolist())]
+        else:
+            chosen = [tuple(e for e, v in enumerate(s) if v > 0) for s in sims.tolist()]
         if chosen == self._chosen:
             return  # the same best matches: the same prediction
         if self._chosen is None:
             self._parts = [None] * len(chosen)
         for i, c in enumerate(chosen):  # a sequence's share changes only with its own best matches
             if self._chosen is None or c != self._chosen[i]:
-                self._parts[i] = _row_normalised(self._stored[list(c)].sum(axis=0)) if c else None
+                self._parts[i] = self._share(c) if c else None
         self._chosen = chosen
         parts = [p for p in self._parts if p is not None]
-        self.prediction = (parts[0].copy() if len(parts) == 1 else np.sum(parts, axis=0)) if parts else \
+        # one sequence: its (read-only) share is the prediction; several: their sum
+        self.prediction = (parts[0] if len(parts) == 1 else self._sum_parts(parts)) if parts else \
             np.zeros_like(self.prediction)
         self.version += 1
+
+    def _sum_parts(self, parts: list[np.ndarray]) -> np.ndarray:
+        """``parts[0] + parts[1] + ...`` in that order (bit for bit what ``np.sum(parts, axis=0)`` gives), reusing
+        the running sums of the last call up to the first part that changed."""
+        kept_parts, kept_sums = self._sums
+        same = 0
+        while same < len(parts) and same < len(kept_parts) and parts[same] is kept_parts[same]:
+            same += 1
+        sums = kept_sums[:max(same - 1, 0)]  # sums[i] = parts[0] + ... + parts[i + 1]
+        total = sums[-1] if sums else parts[0]
+        for p in parts[len(sums) + 1:]:
+            total = total + p
+            sums.append(total)
+        self._sums = (list(parts), sums)
+        return total
+
+    def _share(self, chosen: tuple) -> np.ndarray:
+        """The row-normalised sum of the stored entries ``chosen``, read-only. Kept per set of entries until the
+        collection changes (a sequence's best matches often return to a set they had a few layers before)."""
+        share = self._shares.get(chosen)
+        if share is None:
+            if len(self._shares) >= SHARES_KEPT:
+                self._shares.clear()
+            share = _row_normalised(_sum_in_order([self._stored[i] for i in chosen]))
+            share.setflags(write=False)
+            self._shares[chosen] = share
+        return share
 
     def prefetch_plan(self, layer: int, exclude: np.ndarray | None = None,
                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,16 +261,21 @@ class ActivationPredictor:
         future = self.prediction[layer + 1:]
         if not future.size:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        weighted = future * self._proximity[:len(future)]
+        # the weights negated (x * -y is exactly -(x * y)): ascending order = most likely first. Weights are
+        # never negative, so the candidates are the nonzero cells
+        neg = future * self._neg_proximity[:len(future)]
+        positive = neg < 0
         if exclude is not None:
-            weighted[exclude[layer + 1:]] = 0.0
-        weighted = weighted.ravel()
-        cand = np.flatnonzero(weighted > 0)
+            positive = positive > exclude[layer + 1:]  # and not excluded
+        cand = positive.ravel().nonzero()[0]  # (a boolean's nonzero is several times quicker than a float's)
+        neg = neg.ravel()
+        key = neg[cand]
         if limit is not None and len(cand) > limit:
-            cand = cand[np.argpartition(-weighted[cand], limit - 1)[:limit]]
-        cand = cand[np.lexsort((cand, -weighted[cand]))]  # by weight, equal weights by flat (layer, expert) index
-        num_experts = future.shape[1]
-        return layer + 1 + cand // num_experts, cand % num_experts
+            head = np.argpartition(key, limit - 1)[:limit]
+            cand, key = cand[head], key[head]
+        cand = cand[np.lexsort((cand, key))]  # by weight, equal weights by flat (layer, expert) index
+        layers, experts = np.divmod(cand, future.shape[1])
+        return layers + (layer + 1), experts
 
     def prefetch_order(self, layer: int, exclude: np.ndarray | None = None,
                        limit: int | None = None) -> list[tuple[int, int]]:
@@ -229,4 +286,15 @@ class ActivationPredictor:
 
 def _row_normalised(m: np.ndarray) -> np.ndarray:
     sums = m.sum(axis=1, keepdims=True)
+    if sums.all():
+        return m / sums
     return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
+
+
+def _sum_in_order(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays[0] + arrays[1] + ...``, left to right: what ``np.sum(np.stack(arrays), axis=0)`` computes (numpy
+    reduces an outer axis by adding slice after slice), without stacking."""
+    total = arrays[0].copy() if len(arrays) == 1 else arrays[0] + arrays[1]
+    for a in arrays[2:]:
+        total += a
+    return total

@@ -17,18 +17,18 @@ Key = tuple[int, int]
 
 def lowest_first(values: np.ndarray, ticks: np.ndarray, n: int) -> np.ndarray:
     """Indices of the ``n`` lowest ``values`` in eviction order: by value, equal values least recent (lowest tick)
-    first. O(len) for the usual small ``n`` (one partition), not a full sort."""
-    if n == 1:
-        ties = np.flatnonzero(values == values.min())
-        return ties[np.argmin(ticks[ties])][None] if len(ties) > 1 else ties
+    first. O(len) for the usual small ``n`` (one partition), not a full sort.
+
+    The two keys travel as one complex number ``value + i * tick`` (numpy orders complex numbers by real part, then
+    imaginary part; ticks are distinct integers below 2**53, so exact), so one partition and one small sort give the
+    order: a handful of numpy calls, which is what a selection over a few hundred slots costs on the host."""
     if n >= len(values):
         return np.lexsort((ticks, values))
-    kth = np.partition(values, n - 1)[n - 1]
-    below = np.flatnonzero(values < kth)
-    at = np.flatnonzero(values == kth)
-    at = at[np.argsort(ticks[at], kind="stable")][:n - len(below)]
-    chosen = np.concatenate([below, at])
-    return chosen[np.lexsort((ticks[chosen], values[chosen]))]
+    key = values + 1j * ticks
+    if n == 1:
+        return np.array([key.argmin()])
+    part = np.argpartition(key, n - 1)[:n]
+    return part[np.argsort(key[part])]
 
 
 class EvictionPolicy(Protocol):
@@ -53,6 +53,12 @@ class LRUEviction:
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return np.zeros(len(layers))  # all equal: recency alone decides
 
+    def cell_values(self, cells: np.ndarray) -> np.ndarray:
+        return np.zeros(len(cells))
+
+    def values_state(self):
+        return 0  # values never change
+
     def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
         return np.ones(len(layers), dtype=bool)
 
@@ -64,6 +70,10 @@ class LFUEviction:
 
     def __init__(self):
         self.uses = np.zeros((0, 0), dtype=np.int64)  # [layer, expert], grown on demand
+        self._changes = 0
+
+    def values_state(self):
+        return self._changes
 
     def on_use(self, layer: int, experts: np.ndarray) -> None:
         experts = np.asarray(experts)
@@ -75,6 +85,7 @@ class LFUEviction:
             grown[:self.uses.shape[0], :self.uses.shape[1]] = self.uses
             self.uses = grown
         self.uses[layer, experts] += 1  # distinct experts: no repeated index
+        self._changes += 1
 
     def count(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         inside = (layers < self.uses.shape[0]) & (experts < self.uses.shape[1])
@@ -99,11 +110,14 @@ class ActivationAwareEviction:
     is admitted only over a victim of lower score, so predictions never evict what they rank higher."""
 
     EPS = 1e-6
+    TABLES_KEPT = 256
     always_admits = False
 
     def __init__(self, predictor):
         self._predictor = predictor
         self._table = None  # (prediction array, its version, [L, E] scores)
+        self._kept: dict[int, tuple] = {}  # id -> (read-only prediction, its scores)
+        self._depth = None  # [L, 1]: 1 - i/L
 
     def on_use(self, layer: int, experts: np.ndarray) -> None:
         pass
@@ -115,12 +129,32 @@ class ActivationAwareEviction:
         version = getattr(self._predictor, "version", None)
         if self._table is not None and version is not None and self._table[0] is p and self._table[1] == version:
             return self._table[2]
+        frozen = not p.flags.writeable  # a read-only prediction cannot change: its table is kept with it
+        if frozen:
+            kept = self._kept.get(id(p))
+            if kept is not None and kept[0] is p:
+                self._table = (p, version, kept[1])
+                return kept[1]
         num_layers, num_experts = p.shape
+        if self._depth is None or len(self._depth) != num_layers:
+            self._depth = (1.0 - np.arange(num_layers) / num_layers)[:, None]
         # eps on every cell keeps the score defined (and uniform within a layer) when a layer has no prediction
         row_sum = p.sum(axis=1, keepdims=True) + num_experts * self.EPS
-        table = (p + self.EPS) / row_sum * (1.0 - np.arange(num_layers) / num_layers)[:, None]
+        table = p + self.EPS  # (p + eps) / row_sum * (1 - i/L), in place: the same roundings, fewer arrays
+        table /= row_sum
+        table *= self._depth
         self._table = (p, version, table)
+        if frozen:
+            if len(self._kept) >= self.TABLES_KEPT:
+                self._kept.clear()
+            self._kept[id(p)] = (p, table)  # holding p keeps its id unique
         return table
+
+    def values_state(self):
+        """Equal on two calls only if no value changed in between (None: cannot tell, e.g. a predictor without
+        a ``version``)."""
+        version = getattr(self._predictor, "version", None)
+        return None if version is None else (version, id(self._predictor.prediction))
 
     def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return self.table()[layers, experts]
@@ -128,10 +162,19 @@ class ActivationAwareEviction:
     def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return self.scores(layers, experts)
 
+    def cell_values(self, cells: np.ndarray) -> np.ndarray:
+        """:meth:`values` of the experts ``cells`` = ``layer * num_experts + expert`` (one gather)."""
+        return self.table().ravel().take(cells)
+
     def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
         n = len(layers)
         s = self.scores(np.concatenate([layers, victim_layers]), np.concatenate([experts, victim_experts]))
         return s[:n] > s[n:]
+
+    def admitted_above(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """What :meth:`admits` compares: a prefetch of ``(layers[i], experts[i])`` is admitted over a victim iff
+        this is above the victim's :meth:`values` (which the cache has from choosing it)."""
+        return self.scores(layers, experts)
 
 
 def make_eviction_policy(name: str, predictor=None) -> EvictionPolicy:

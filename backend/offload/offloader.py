@@ -76,6 +76,8 @@ class Offloader:
         else:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
+        if config.prefetch != "none":  # a round's prefetches take the victims after its demand ones
+            self.cache.victim_lookahead = window
         self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
         self._resumed: list[int] | None = None  # per sequence, its last rows that are resumed tokens (a prefill)
         self._expert_dtype = self.cache.views[store.layout.names[0]].dtype
@@ -86,6 +88,8 @@ class Offloader:
         head kept by the activation policy (4 windows). Benchmarks of tiny-width models set the window the
         full-size experts would get."""
         self.prefetch_queue._window = max(1, int(window))
+        if self.cache.victim_lookahead:
+            self.cache.victim_lookahead = self.prefetch_queue._window
         if isinstance(self.prefetch_policy, ActivationPrefetch):
             self.prefetch_policy._limit = min(self.num_slots, 4 * self.prefetch_queue._window)
 

@@ -96,10 +96,16 @@ class PrefetchQueue:
         room = self._window - self._cache.engine.prefetches_in_flight()
         if room <= 0:
             return
-        absent = np.flatnonzero(~self._cache.resident_mask[self._layers, self._experts])
-        _, considered = self._cache.prefetch_many(self._layers[absent], self._experts[absent], room)
-        if considered >= len(absent):  # everything was issued, refused or found resident
+        layers, experts = self._layers, self._experts
+        resident = self._cache.resident_mask[layers, experts]
+        if resident.any():  # (a plan that leaves out resident experts has none until it is pumped)
+            absent = np.flatnonzero(~resident)
+            layers, experts = layers[absent], experts[absent]
+        else:
+            absent = None
+        _, considered = self._cache.prefetch_many(layers, experts, room)
+        if considered >= len(layers):  # everything was issued, refused or found resident
             self._layers, self._experts = _empty_plan()
         else:  # what follows the last one considered stays queued
-            cut = absent[considered]
+            cut = considered if absent is None else absent[considered]
             self._layers, self._experts = self._layers[cut:], self._experts[cut:]

@@ -1,0 +1,146 @@
+"""Which cached expert to evict. Keys are ``(moe_layer, expert)``.
+
+Each policy values the evictable experts (arrays of their layers and experts); the cache evicts the lowest
+values first and breaks ties by recency: among equals, the least recently used goes. LRU values all alike.
+The misses of one layer are evicted for together: values do not change while a layer acquires its experts
+(the prediction is fixed, and the experts it uses are protected), so one selection equals one per miss.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+Key = tuple[int, int]
+
+
+def lowest_first(values: np.ndarray, ticks: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` lowest ``values`` in eviction order: by value, equal values least recent (lowest tick)
+    first. O(len) for the usual small ``n`` (one partition), not a full sort."""
+    if n == 1:
+        ties = np.flatnonzero(values == values.min())
+        return ties[np.argmin(ticks[ties])][None] if len(ties) > 1 else ties
+    if n >= len(values):
+        return np.lexsort((ticks, values))
+    kth = np.partition(values, n - 1)[n - 1]
+    below = np.flatnonzero(values < kth)
+    at = np.flatnonzero(values == kth)
+    at = at[np.argsort(ticks[at], kind="stable")][:n - len(below)]
+    chosen = np.concatenate([below, at])
+    return chosen[np.lexsort((ticks[chosen], values[chosen]))]
+
+
+class EvictionPolicy(Protocol):
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        """Distinct ``experts`` of ``layer`` were used by the computation (hits and demand fetches; not prefetches)."""
+
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """How much each candidate ``(layers[i], experts[i])`` is worth keeping: the cache evicts the lowest
+        first, equal values least recently used first (see :func:`lowest_first`)."""
+
+    def admits(self, layers: np.ndarray, experts: np.ndarray, victim_layers: np.ndarray,
+               victim_experts: np.ndarray) -> np.ndarray:
+        """Per pair ``i``: whether a prefetch of ``(layers[i], experts[i])`` is worth evicting victim ``i``."""
+
+
+class LRUEviction:
+    always_admits = True  # a prefetch may replace any victim
+
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        pass
+
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return np.zeros(len(layers))  # all equal: recency alone decides
+
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        return np.ones(len(layers), dtype=bool)
+
+
+class LFUEviction:
+    """Fewest uses first. Counts belong to the expert and survive its eviction, as MoE-Infinity's visit counts do."""
+
+    always_admits = True
+
+    def __init__(self):
+        self.uses = np.zeros((0, 0), dtype=np.int64)  # [layer, expert], grown on demand
+
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        experts = np.asarray(experts)
+        if not len(experts):
+            return
+        top = int(experts.max())
+        if layer >= self.uses.shape[0] or top >= self.uses.shape[1]:
+            grown = np.zeros((max(layer + 1, self.uses.shape[0]), max(top + 1, self.uses.shape[1])), np.int64)
+            grown[:self.uses.shape[0], :self.uses.shape[1]] = self.uses
+            self.uses = grown
+        self.uses[layer, experts] += 1  # distinct experts: no repeated index
+
+    def count(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        inside = (layers < self.uses.shape[0]) & (experts < self.uses.shape[1])
+        if inside.all():
+            return self.uses[layers, experts]
+        out = np.zeros(len(layers), dtype=np.int64)
+        out[inside] = self.uses[layers[inside], experts[inside]]
+        return out
+
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.count(layers, experts)
+
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        return np.ones(len(layers), dtype=bool)
+
+
+class ActivationAwareEviction:
+    """MoE-Infinity's rule: evict the lowest ``(p[i][e] + eps) * (1 - i/L) / sum_e p[i][e]``.
+
+    ``p`` is the predictor's current expert-activation prediction (``prediction`` attribute, ``[L, E]``);
+    the ``(1 - i/L)`` factor keeps early layers longest, since prefetching cannot hide their misses. A prefetch
+    is admitted only over a victim of lower score, so predictions never evict what they rank higher."""
+
+    EPS = 1e-6
+    always_admits = False
+
+    def __init__(self, predictor):
+        self._predictor = predictor
+        self._table = None  # (prediction array, its version, [L, E] scores)
+
+    def on_use(self, layer: int, experts: np.ndarray) -> None:
+        pass
+
+    def table(self) -> np.ndarray:
+        """``[L, E]`` scores of the current prediction, computed once per prediction (a predictor that updates
+        its array in place says so by a ``version`` attribute; without one, every call recomputes)."""
+        p = self._predictor.prediction
+        version = getattr(self._predictor, "version", None)
+        if self._table is not None and version is not None and self._table[0] is p and self._table[1] == version:
+            return self._table[2]
+        num_layers, num_experts = p.shape
+        # eps on every cell keeps the score defined (and uniform within a layer) when a layer has no prediction
+        row_sum = p.sum(axis=1, keepdims=True) + num_experts * self.EPS
+        table = (p + self.EPS) / row_sum * (1.0 - np.arange(num_layers) / num_layers)[:, None]
+        self._table = (p, version, table)
+        return table
+
+    def scores(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.table()[layers, experts]
+
+    def values(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self.scores(layers, experts)
+
+    def admits(self, layers, experts, victim_layers, victim_experts) -> np.ndarray:
+        n = len(layers)
+        s = self.scores(np.concatenate([layers, victim_layers]), np.concatenate([experts, victim_experts]))
+        return s[:n] > s[n:]
+
+
+def make_eviction_policy(name: str, predictor=None) -> EvictionPolicy:
+    if name == "lru":
+        return LRUEviction()
+    if name == "lfu":
+        return LFUEviction()
+    if name == "activation":
+        if predictor is None:
+            raise ValueError("activation-aware eviction needs the activation predictor")
+        return ActivationAwareEviction(predictor)
+    raise ValueError(f"unknown eviction policy {name!r}")

@@ -1,0 +1,105 @@
+"""What to prefetch. After each MoE layer's routing, the policy names the experts of coming layers to load, in
+priority order; that list replaces the queue of not-yet-issued prefetches (a new prediction makes the old one stale).
+The :class:`PrefetchQueue` issues them a few at a time, so on-demand fetches never queue behind all of them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .eam import ActivationPredictor
+from .eviction import Key
+
+
+Plan = tuple[np.ndarray, np.ndarray]  # (MoE layers, experts), most urgent first
+
+
+def _empty_plan() -> Plan:
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+
+class PrefetchPolicy(Protocol):
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        """Experts to prefetch once MoE layer ``layer`` has routed ``hidden_states``, most urgent first."""
+
+
+class NoPrefetch:
+    """On-demand fetching only."""
+
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        return _empty_plan()
+
+
+class ActivationPrefetch:
+    """MoE-Infinity: the EAMC-matched prediction, layer-proximity weighted, over all coming layers.
+
+    ``resident`` (``[L, E]`` bool, the cache's live mask) leaves out what is already there, and ``limit`` keeps
+    the head of the order only: a layer issues at most a window or two of prefetches before the next layer
+    replaces the plan, so ordering thousands of experts every layer would be waste."""
+
+    def __init__(self, predictor: ActivationPredictor, resident: np.ndarray | None = None, limit: int | None = None):
+        self._predictor = predictor
+        self._resident = resident
+        self._limit = limit
+
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        return self._predictor.prefetch_plan(layer, exclude=self._resident, limit=self._limit)
+
+
+class RouterLookaheadPrefetch:
+    """Baseline: apply the next MoE layer's router to this layer's hidden states and prefetch what it picks,
+    most-picked first. ``routers[i]`` is MoE layer ``i``'s router module, returning ``(..., top_k_index)``."""
+
+    def __init__(self, routers: list[torch.nn.Module]):
+        self._routers = routers
+
+    @torch.no_grad()
+    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+        if layer + 1 >= len(self._routers):
+            return _empty_plan()
+        # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
+        top_k_index = self._routers[layer + 1].forward(hidden_states)[-1]
+        # counted where the routing is (one small read-back, not a Python list of every pick)
+        picks = torch.bincount(top_k_index.reshape(-1)).cpu().numpy()
+        experts = np.flatnonzero(picks)
+        experts = experts[np.argsort(-picks[experts], kind="stable")]  # most picked first; ties by expert id
+        return np.full(len(experts), layer + 1, dtype=np.int64), experts.astype(np.int64)
+
+
+class PrefetchQueue:
+    """Prefetches waiting to be issued, most urgent first, with at most ``window`` in flight at a time."""
+
+    def __init__(self, cache: ExpertCache, window: int):
+        self._cache = cache
+        self._window = window
+        self._layers, self._experts = _empty_plan()
+
+    def replace(self, plan) -> None:
+        """``plan``: ``(layers, experts)`` arrays, or a list of ``(layer, expert)`` keys."""
+        if isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], np.ndarray):
+            self._layers, self._experts = plan
+        else:
+            keys = np.asarray(list(plan), dtype=np.int64).reshape(-1, 2)
+            self._layers, self._experts = keys[:, 0], keys[:, 1]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def pump(self) -> None:
+        """Issue queued prefetches while the window has room, skipping resident ones and ones the cache refuses
+        (they rank below every expert they could replace; the ones after them may not)."""
+        if not len(self._layers):
+            return
+        room = self._window - self._cache.engine.prefetches_in_flight()
+        if room <= 0:
+            return
+        absent = np.flatnonzero(~self._cache.resident_mask[self._layers, self._experts])
+        _, considered = self._cache.prefetch_many(self._layers[absent], self._experts[absent], room)
+        if considered >= len(absent):  # everything was issued, refused or found resident
+            self._layers, self._experts = _empty_plan()
+        else:  # what follows the last one considered stays queued
+            cut = absent[considered]
+            self._layers, self._experts = self._layers[cut:], self._experts[cut:]
