@@ -10,7 +10,9 @@ expert of the same layer nor a prefetch may take them until ``release``.
 Everything is kept in numpy arrays -- per slot (its expert's layer and id, last use, protection) and per expert
 (``[L, E]``: its slot or -1, whether it is an unused prefetch) -- so a layer's acquisition, and a batch of
 prefetches, cost a few vectorised operations whatever the number of experts or slots, not a Python loop over them.
-The only per-expert Python work left is handing each copy to the copy engine.
+Evicting or loading a handful of experts (up to ``FEW``) is bookkept element by element instead, which is cheaper
+than a dozen array calls; and a layer chooses its victims once, its prefetch pumps continuing that order
+(:class:`_Order`). Per expert, the copy engine gets each copy.
 """
 
 from __future__ import annotations
