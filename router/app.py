@@ -329,7 +329,13 @@ class Router:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def h_hosts(self, request):
-        return web.json_response({"hosts": [h.snapshot() for h in self.hosts], "policy": self.cfg.policy,
+        hosts = []
+        for h in self.hosts:
+            snap = h.snapshot()
+            if h.pool is not None:  # the router's own cold starts on that device that have not claimed yet
+                snap["engine_pool_view"]["router_pending"] = self.manager.pool_pending(h.pool, h.pool_device)
+            hosts.append(snap)
+        return web.json_response({"hosts": hosts, "policy": self.cfg.policy,
                                   "loaded_seconds": self.manager.loaded_seconds(),
                                   "cold_starts": self.manager.cold_starts,
                                   "placement_migration": self.cfg.placement_migration,

@@ -89,6 +89,14 @@ class HostConfig:
         gpu = int(self.device.partition(":")[2] or 0)
         return {"count": 1, "kind": "KIND_GPU", "gpus": [gpu]}
 
+    @property
+    def pool_device(self) -> str:
+        """The engine pool's name for this server's device: ``cpu``, or ``cuda:N`` (a ``KIND_GPU`` instance on GPU
+        N claims a worker of ``cuda:N``; plain ``gpu`` is GPU 0, as in :attr:`instance_group`)."""
+        if self.device == "cpu":
+            return "cpu"
+        return f"cuda:{int(self.device.partition(':')[2] or 0)}"
+
     @classmethod
     def parse(cls, doc: dict, i: int) -> "HostConfig":
         if not isinstance(doc, dict):

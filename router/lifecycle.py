@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from . import upstream
 from .config import ModelSpec, RouterConfig
 from .placement import Candidate, MigrationPlan, Move, Policy
-from .state import Host, Instance, cancel_quietly, checkpoint_bytes
+from .state import Host, Instance, PoolView, attach_pools, cancel_quietly, checkpoint_bytes
 
 log = logging.getLogger("tritonmoe.router")
 
@@ -32,6 +32,7 @@ class Manager:
     def __init__(self, cfg: RouterConfig, hosts: list[Host], policy: Policy,
                  registry: CollectorRegistry | None = None):
         self.cfg, self.hosts, self.policy = cfg, hosts, policy
+        attach_pools(hosts)  # hosts naming one engine pool share its view (the poller keeps it fresh)
         self.specs: dict[str, ModelSpec] = dict(cfg.models)
         self.load_failures: dict[str, tuple[float, str]] = {}
         self._bytes: dict[str, int] = {}
@@ -88,6 +89,40 @@ class Manager:
         return self._bytes[spec.name]
 
     # ---- placement ---------------------------------------------------------------------------------------------
+    def pool_pending(self, view: PoolView, device: str) -> int:
+        """The router's cold starts on ``device`` of the pool ``view`` whose claim the pool's last status does not
+        show yet: they take warm workers before a new cold start does. Per model: its instances there (loading,
+        ready or unloading: each holds a worker once claimed) less the workers the status shows claimed for it,
+        at most the number that may be missing from it (those loading, or begun after that status was asked
+        for; an instance loaded before then had claimed its worker by then)."""
+        held: collections.Counter = collections.Counter()
+        unseen: collections.Counter = collections.Counter()
+        for h in self.hosts:
+            if h.pool is not view or h.pool_device != device:
+                continue
+            for i in h.instances.values():
+                spec = self.specs.get(i.model)
+                if (spec is not None and not spec.use_engine_pool) or i.state == "dead":
+                    continue  # loads in its own stub (claims nothing), or is gone
+                held[i.model] += 1
+                if i.state == "loading" or i.started > view.asked_at:
+                    unseen[i.model] += 1
+        claimed = view.claimed.get(device, {}) if view.warm is not None else {}
+        return sum(min(n, max(0, held[m] - claimed.get(m, 0))) for m, n in unseen.items())
+
+    def pool_wait_s(self, host: Host, spec: ModelSpec) -> float:
+        """Predicted wait of a new cold start of ``spec`` on ``host`` for a warm engine-pool worker: 0 when the
+        host's device has a warm worker that the router's own pending cold starts there do not take first;
+        otherwise the remaining warm-up of the worker it will get (the pool's report; an unknown pool: a whole
+        warm-up). 0 for hosts without a pool and models that do not use it."""
+        view = host.pool
+        if view is None or not spec.use_engine_pool:
+            return 0.0
+        free = view.warm_on(host.pool_device) - self.pool_pending(view, host.pool_device)
+        if free > 0:
+            return 0.0
+        return view.wait_s(host.pool_device, -free)
+
     def candidates(self, spec: ModelSpec, exclude: set[str] = frozenset()) -> list[Candidate]:
         out = []
         nbytes = self.nbytes(spec)
@@ -106,13 +141,15 @@ class Manager:
                 out.append(Candidate(h, "gpu", 0.0, queue_s, inst.inflight))
             elif inst is not None and inst.state == "loading":
                 tier = h.tier_of(spec.name, spec.use_loader)
-                left = max(0.0, h.estimate_load_s(tier, nbytes) - (time.monotonic() - inst.last_used))
+                est = inst.est_load_s if inst.est_load_s is not None else h.estimate_load_s(tier, nbytes)
+                left = max(0.0, est - (time.monotonic() - inst.started))
                 out.append(Candidate(h, "loading", left, queue_s, inst.inflight))
             else:
                 if len(h.resident()) >= h.cfg.max_models and not self._evictable(h):
                     continue  # full of busy models
                 tier = h.tier_of(spec.name, spec.use_loader)
-                out.append(Candidate(h, tier, h.estimate_load_s(tier, nbytes), queue_s, 0))
+                wait = self.pool_wait_s(h, spec)
+                out.append(Candidate(h, tier, h.estimate_load_s(tier, nbytes) + wait, queue_s, 0, wait))
         return out
 
     def _evictable(self, host: Host) -> Instance | None:
@@ -198,7 +235,7 @@ class Manager:
             if spec.name in h.instances or len(h.resident()) < h.cfg.max_models or self._evictable(h):
                 continue  # an ordinary candidate (or already starting the model)
             tier = h.tier_of(spec.name, spec.use_loader)
-            load_s = h.estimate_load_s(tier, nbytes) + h.loads_in_flight * h.overhead_s
+            load_s = h.estimate_load_s(tier, nbytes) + self.pool_wait_s(h, spec) + h.loads_in_flight * h.overhead_s
             if baseline is not None and load_s >= baseline.startup_s:
                 continue  # its locality is no better than the free host's: nothing to gain
             need = len(h.resident()) - h.cfg.max_models + 1
@@ -256,8 +293,7 @@ class Manager:
 
     def _start_after_migration(self, spec: ModelSpec, plan: MigrationPlan) -> Instance:
         """A loading instance on the plan's host, joinable at once; it loads once the streams have moved."""
-        inst = Instance(spec.name, plan.host)
-        plan.host.instances[spec.name] = inst
+        inst = self._new_instance(plan.host, spec, plan.tier)
         for m in plan.moves:
             m.inst.draining = True  # no new requests: they go to the destination
         asyncio.ensure_future(self._migrate_then_load(spec, plan, inst))
@@ -327,9 +363,18 @@ class Manager:
         existing = host.instances.get(spec.name)
         if existing is not None and existing.state in ("ready", "loading"):
             return existing
-        inst = Instance(spec.name, host)
-        host.instances[spec.name] = inst
+        inst = self._new_instance(host, spec, tier)
         asyncio.ensure_future(self._load(host, spec, inst, tier))
+        return inst
+
+    def _new_instance(self, host: Host, spec: ModelSpec, tier: str) -> Instance:
+        """A loading instance, with the start-up predicted now (before it counts as one of the device's pending
+        cold starts): what later requests see as its time left, and whether it was expected to wait for a pool
+        worker (such a load does not teach the fixed cost)."""
+        wait = self.pool_wait_s(host, spec)
+        inst = Instance(spec.name, host, est_load_s=host.estimate_load_s(tier, self.nbytes(spec)) + wait,
+                        pool_wait_s=wait)
+        host.instances[spec.name] = inst
         return inst
 
     async def _load(self, host: Host, spec: ModelSpec, inst: Instance, tier: str) -> None:
@@ -362,10 +407,14 @@ class Manager:
             seconds = time.monotonic() - t0
             inst.state, inst.loaded_at = "ready", time.monotonic()
             host.server_models.add(spec.name)
-            host.observe_load(tier, self.nbytes(spec), seconds)
+            host.observe_load(tier, self.nbytes(spec), seconds, inst.pool_wait_s)
             self.m_load_s.labels(host.name, tier).observe(seconds)
-            self.cold_starts.append({"model": spec.name, "host": host.name, "tier": tier, "seconds": seconds})
-            log.info("loaded %s on %s from %s in %.2fs", spec.name, host.name, tier, seconds)
+            self.cold_starts.append({"model": spec.name, "host": host.name, "tier": tier, "seconds": seconds,
+                                     "estimated_s": round(inst.est_load_s or 0.0, 3),
+                                     "pool_wait_s": round(inst.pool_wait_s, 3)})
+            log.info("loaded %s on %s from %s in %.2fs (estimated %.2fs%s)", spec.name, host.name, tier, seconds,
+                     inst.est_load_s or 0.0, f", {inst.pool_wait_s:.2f}s of it waiting for a pool worker"
+                     if inst.pool_wait_s else "")
         finally:
             host.loads_in_flight -= 1
             inst.ready.set()

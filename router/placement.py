@@ -3,8 +3,10 @@
 A policy sees every healthy host that could serve the model and returns one; the lifecycle manager then uses the
 instance there or loads the model there first (a cold start). ``locality`` (ServerlessLLM) picks the lowest
 estimated start-up: queue wait + checkpoint bytes / bandwidth of the tier holding it (0 when loaded), with
-bandwidths measured per host. ``random`` and ``round_robin`` are the baselines: they ignore where the model is
-(plain Triton loading wherever they land), as a load balancer without model locality would.
+bandwidths measured per host, + on a host with a warm engine pool, the wait for a worker when none is warm for the
+host's device after the router's own pending cold starts there (``Manager.pool_wait_s``). ``random`` and
+``round_robin`` are the baselines: they ignore where the model is (plain Triton loading wherever they land), as a
+load balancer without model locality would.
 
 With ``placement_migration`` (locality only; the manager's ``_plan_migration``), a host that is full of busy
 models is a candidate too: its start-up is the cost of migrating the running streams elsewhere (the destination's
@@ -29,6 +31,7 @@ class Candidate:
     load_s: float       # estimated load time (0 when loaded)
     queue_s: float      # estimated wait behind work already on the host
     inflight: int       # requests of this model in flight there
+    pool_wait_s: float = 0.0  # of load_s: the wait for a warm engine-pool worker (none free on the host's device)
 
     @property
     def startup_s(self) -> float:

@@ -1,6 +1,7 @@
 """What the router knows about each host: health, which models are loaded (its own bookkeeping, reconciled with
 Triton's statistics endpoint), running sequences (Triton metrics), where each checkpoint sits (the loader's
-status; no loader means every checkpoint is on local disk), and load bandwidths measured from observed loads."""
+status; no loader means every checkpoint is on local disk), load bandwidths measured from observed loads, and the
+warm workers of each host's engine pool for the host's device (the pool's status)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,10 @@ DEFAULT_OVERHEAD_S = 5.0
 DEFAULT_RECOMPUTE_OVERHEAD_S = 0.2
 DEFAULT_RECOMPUTE_S_PER_TOKEN = 2e-4
 EWMA = 0.5
+# A cold start through an engine pool whose device has no warm worker waits for one to warm up: the pool's workers
+# report their warm-up phases; until one has, this prior (the H200's workers took ~11 s, the CPU VM's 3-6 s).
+DEFAULT_POOL_WARMUP_S = 10.0
+POOL_STATUS_TIMEOUT_S = 1.0  # a pool that does not answer its status within this is unknown: no warm worker
 _METRIC_RE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+|nan|inf)$')
 
 
@@ -45,6 +51,97 @@ class Instance:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
     draining: bool = False  # its streams are being migrated away to free the host: no new requests
+    started: float = field(default_factory=time.monotonic)  # when the router began loading it (or adopted it)
+    est_load_s: float | None = None  # the start-up estimated when its load began (loading instances' time left)
+    pool_wait_s: float = 0.0  # of which: the predicted wait for a warm engine-pool worker (0: one was free)
+
+
+class PoolView:
+    """What the router last heard from one engine pool (``pool_status``; shared by the hosts that name the same
+    socket): warm workers per device, the workers claimed per device and model, the ages of the workers still
+    warming up, and the warm-up time its workers reported. ``warm`` is None while the pool is unknown (not asked
+    yet, or it did not answer): placement then counts no warm worker there."""
+
+    def __init__(self, socket: str):
+        self.socket = socket
+        self.warm: dict[str, int] | None = None
+        self.claimed: dict[str, dict[str, int]] = {}     # device -> model -> claimed workers
+        self.starting: dict[str, list[float]] = {}        # device -> ages (s) of workers warming up, at answered_at
+        self.warmup_s: dict[str, float] = {}              # device -> median warm-up its workers reported
+        self.per_device = 1
+        self.asked_at = 0.0                               # monotonic time the last answered query was sent
+        self.answered_at = 0.0                            # ...and answered
+        self.error: str | None = None                     # why the last query got no answer
+        self.querying = False                             # a query is out (a hung pool holds one thread, no more)
+
+    def update(self, status: dict, asked_at: float | None = None) -> None:
+        devices = list(status.get("devices") or status.get("warm", {}))
+        self.warm = {d: int(n) for d, n in (status.get("warm") or {}).items()}
+        claimed: dict[str, dict[str, int]] = {d: {} for d in devices}
+        starting: dict[str, list[float]] = {d: [] for d in devices}
+        warmups: dict[str, list[float]] = {d: [] for d in devices}
+        for w in status.get("workers") or []:
+            d = w.get("device")
+            if w.get("state") == "claimed":
+                per_model = claimed.setdefault(d, {})
+                per_model[w.get("model")] = per_model.get(w.get("model"), 0) + 1
+            elif w.get("state") == "starting":
+                starting.setdefault(d, []).append(float(w.get("age_s") or 0.0))
+            phases = (w.get("warm") or {}).get("phases")
+            if phases:
+                warmups.setdefault(d, []).append(sum(float(v) for v in phases.values()))
+        self.claimed, self.starting = claimed, starting
+        for d, ws in warmups.items():
+            if ws:
+                self.warmup_s[d] = sorted(ws)[len(ws) // 2]
+        self.per_device = max(1, int(status.get("per_device") or 1))
+        self.answered_at = time.monotonic()
+        self.asked_at = self.answered_at if asked_at is None else asked_at
+        self.error = None
+
+    def unknown(self, error: str) -> None:
+        self.warm, self.error = None, error
+
+    def warm_on(self, device: str) -> int:
+        """Warm workers the pool last reported for ``device`` (0 when the pool is unknown)."""
+        return (self.warm or {}).get(device, 0)
+
+    def warmup_on(self, device: str) -> float:
+        return self.warmup_s.get(device, DEFAULT_POOL_WARMUP_S)
+
+    def wait_s(self, device: str, ahead: int, now: float | None = None) -> float:
+        """How long a claim waits for a worker on ``device`` when ``ahead`` claims are already waiting there
+        with no warm worker for them: the remaining warm-up of the worker it gets (the ones warming up now, in
+        order of readiness; then one warm-up per round of ``per_device`` replacements)."""
+        warmup = self.warmup_on(device)
+        if self.warm is None:
+            return warmup
+        elapsed = (time.monotonic() if now is None else now) - self.answered_at
+        # a worker past its expected warm-up is near the end, not done (it may also be failing)
+        left = sorted(max(0.1 * warmup, warmup - age - elapsed) for age in self.starting.get(device, []))
+        if ahead < len(left):
+            return left[ahead]
+        return warmup * (1 + (ahead - len(left)) // self.per_device)
+
+    def snapshot(self, device: str) -> dict:
+        return {"socket": self.socket, "device": device, "reachable": self.warm is not None,
+                "warm": None if self.warm is None else self.warm_on(device),
+                "starting": len(self.starting.get(device, [])) if self.warm is not None else None,
+                "claimed": sum(self.claimed.get(device, {}).values()) if self.warm is not None else None,
+                "warmup_s": round(self.warmup_on(device), 3), "error": self.error}
+
+
+def attach_pools(hosts: list["Host"]) -> dict[str, PoolView]:
+    """One :class:`PoolView` per engine-pool socket, shared by the hosts that name it (servers of one machine
+    share its pool, and its warm count per device)."""
+    views: dict[str, PoolView] = {}
+    for h in hosts:
+        if h.pool is not None:
+            views.setdefault(h.pool.socket, h.pool)
+    for h in hosts:
+        if h.cfg.engine_pool and h.pool is None:
+            h.pool = views.setdefault(h.cfg.engine_pool, PoolView(h.cfg.engine_pool))
+    return views
 
 
 class Host:
@@ -67,6 +164,9 @@ class Host:
         self.recompute_s_per_token = DEFAULT_RECOMPUTE_S_PER_TOKEN
         self.recomputes_observed = 0
         self.adopted = False  # models already loaded on the server were looked at (first successful poll)
+        self.pool: PoolView | None = None  # the engine pool of cfg.engine_pool (attach_pools), if any
+        self.pool_device = cfg.pool_device
+        self.waited_loads_observed = 0  # pooled loads predicted to wait for a worker (kept out of overhead_s)
 
     @property
     def client(self) -> agrpc.InferenceServerClient:
@@ -107,11 +207,16 @@ class Host:
             return 0.0
         return self.overhead_s + nbytes / self.bandwidth.get(tier, DEFAULT_BANDWIDTH["disk"])
 
-    def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
+    def observe_load(self, tier: str, nbytes: int, seconds: float, pool_wait_s: float = 0.0) -> None:
         """Update the start-up model from a completed load. Small checkpoints inform the fixed cost, large ones
-        the tier's bandwidth (whichever term dominates the prediction gets the error)."""
+        the tier's bandwidth (whichever term dominates the prediction gets the error). A pooled load that was
+        predicted to wait for a worker (``pool_wait_s`` > 0) teaches neither: its time is mostly that warm-up,
+        which the pool reports, and the fixed cost stays that of a load that found a warm worker."""
         self.loads_observed += 1
         if tier == "gpu":
+            return
+        if pool_wait_s > 0:
+            self.waited_loads_observed += 1
             return
         bw = self.bandwidth.get(tier, DEFAULT_BANDWIDTH["disk"])
         transfer = nbytes / bw
@@ -144,11 +249,13 @@ class Host:
                 "server_models": sorted(self.server_models), "running_sequences": self.running,
                 "startup_model": {"overhead_s": round(self.overhead_s, 3),
                                   "bandwidth_Bps": {k: round(v) for k, v in self.bandwidth.items()},
-                                  "loads_observed": self.loads_observed},
+                                  "loads_observed": self.loads_observed,
+                                  "waited_for_pool_worker": self.waited_loads_observed},
                 "recompute_model": {"overhead_s": round(self.recompute_overhead_s, 4),
                                     "s_per_token": self.recompute_s_per_token,
                                     "migrations_observed": self.recomputes_observed},
-                "device": self.cfg.device, "engine_pool": self.cfg.engine_pool}
+                "device": self.cfg.device, "engine_pool": self.cfg.engine_pool,
+                "engine_pool_view": self.pool.snapshot(self.pool_device) if self.pool is not None else None}
 
 
 def checkpoint_bytes(path: str) -> int:
@@ -178,12 +285,41 @@ def parse_running(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def _in_thread(fn, *args) -> asyncio.Future:
+    """``fn(*args)`` in a daemon thread of its own, as an awaitable: the event loop never blocks on it, and a call
+    that never returns (a pool that accepts but does not answer) cannot hold up the process's exit, as a thread of
+    an executor would (its threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result, error):
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
+    def run():
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="pool-status", daemon=True).start()
+    return fut
+
+
 class Poller:
     """Keeps every host's view fresh. A host that fails two polls in a row (or a stream that times out on it)
-    is unhealthy until a poll succeeds again."""
+    is unhealthy until a poll succeeds again. Engine pools (hosts' ``engine_pool``) are asked for their status
+    each round, in a thread (``pool_status`` blocks), with a short timeout."""
 
-    def __init__(self, hosts: list[Host], interval: float, timeout: float = 2.0, token: str | None = None):
+    def __init__(self, hosts: list[Host], interval: float, timeout: float = 2.0, token: str | None = None,
+                 pool_timeout: float = POOL_STATUS_TIMEOUT_S):
         self.hosts, self.interval, self.timeout = hosts, interval, timeout
+        self.pools = attach_pools(hosts)
+        self.pool_timeout = pool_timeout
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
         self.loader_token = os.environ.get("TRITONMOE_LOADER_TOKEN")
@@ -209,7 +345,45 @@ class Poller:
                 log.exception("poll failed")
 
     async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll(h) for h in self.hosts), return_exceptions=True)
+        await asyncio.gather(*(self.poll(h) for h in self.hosts), *(self.poll_pool(v) for v in self.pools.values()),
+                             return_exceptions=True)
+
+    async def poll_pool(self, view: PoolView) -> None:
+        """Refresh ``view`` from its pool's status. No answer within ``pool_timeout`` (not running, key unreadable,
+        hung): unknown, logged once until it answers again; a query still out from an earlier round is not
+        repeated (a hung pool holds one thread)."""
+        from tritonmoe.backend.engine_pool import pool_status  # torch-free; the pool's own client
+
+        if view.querying:
+            if view.warm is not None:
+                view.unknown(f"no answer within {self.pool_timeout:g}s")
+            return
+
+        def query():
+            try:
+                return pool_status(view.socket)
+            finally:
+                view.querying = False  # in the thread: also when nobody awaits the answer any more
+
+        view.querying = True
+        asked = time.monotonic()
+        fut = _in_thread(query)
+        # an answer that comes after the timeout is dropped quietly
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            status = await asyncio.wait_for(asyncio.shield(fut), self.pool_timeout)
+            if not isinstance(status, dict) or not status.get("ok", True) or "warm" not in status:
+                raise ValueError(f"unexpected status reply {status!r:.200}")
+        except Exception as e:  # noqa: BLE001 - PoolError, timeout, a malformed reply: all mean "unknown"
+            why = f"no answer within {self.pool_timeout:g}s" if isinstance(e, asyncio.TimeoutError) else str(e)
+            if view.error is None:
+                log.warning("engine pool %s: %s; placement counts no warm worker there until it answers",
+                            view.socket, why)
+            view.unknown(why)
+            return
+        if view.error is not None:
+            log.info("engine pool %s answers again: warm %s", view.socket, status.get("warm"))
+        view.update(status, asked)
 
     async def poll(self, host: Host) -> None:
         started = time.monotonic()

@@ -8,6 +8,7 @@ cannot name a pool socket of its own."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -69,17 +70,55 @@ def wait_warm_count(pool, n: int = 1, timeout: float = 180) -> None:
     wait_for(lambda: pool.status()["warm"]["cpu"] == n, timeout, f"the pool's warm count {n}")
 
 
+class ViewSampler:
+    """Records the router's view of the host's pool (warm workers on its device, its own unclaimed cold starts
+    there) every 50 ms, from the router's thread-shared objects."""
+
+    def __init__(self, router):
+        self.router, self.samples, self.stop = router, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        host = self.router.router.hosts[0]
+        while not self.stop.is_set():
+            view = host.pool
+            try:
+                self.samples.append((None if view.warm is None else view.warm_on(host.pool_device),
+                                     self.router.router.manager.pool_pending(view, host.pool_device)))
+            except RuntimeError:  # the router's loop changed a dict while this thread read it: next time
+                pass
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+def router_pool_view(router) -> dict:
+    [h] = call(router.url + "/admin/hosts")["hosts"]
+    return h["engine_pool_view"]
+
+
 def test_cold_start_goes_through_the_pool_and_scales_to_zero(pooled_router, tiny, reference):
     router, pool, server = pooled_router, pooled_router.pool, pooled_router.server
     assert "cold" not in server_models(server)
     hosts = call(router.url + "/admin/hosts")["hosts"]
     assert [h["engine_pool"] for h in hosts] == [pool.socket]
+    # the router's poller follows the pool's warm count for the host's device
+    wait_for(lambda: router_pool_view(router)["warm"] == 1, 30, "the router to see the pool's warm worker")
+    view = router_pool_view(router)
+    assert view["device"] == "cpu" and view["reachable"] and view["router_pending"] == 0 and view["error"] is None
+    assert 0 < view["warmup_s"] < 60  # the warm-up its worker reported, not the prior
 
     # the first request cold-starts the model: the router's load carries the host's engine_pool
     ids, text = reference(tiny("mixtral"), PROMPTS[0], 12)
+    sampler = ViewSampler(router).__enter__()
     r = call(router.url + "/v2/models/cold/generate", {"text_input": PROMPTS[0], "exclude_input_in_output": True,
                                                        "parameters": {"max_tokens": 12}})
-    assert r["text_output"] == text and r["output_token_ids"] == ids
     assert [c["model"] for c in router.router.manager.cold_starts] == ["cold"]
     assert model_parameters(server, "cold")["engine_pool"] == pool.socket
     pid = pool.worker_of("cold")  # the pool's status: one worker claimed for 'cold'
@@ -94,6 +133,18 @@ def test_cold_start_goes_through_the_pool_and_scales_to_zero(pooled_router, tiny
     assert [t for e in events for t in e["output_token_ids"]] == ids1
     assert "".join(e["text_output"] for e in events) == text1
     assert len(router.router.manager.cold_starts) == 1 and pool.worker_of("cold") == pid
+
+    # the claim as the router saw it: the cold start counted against the warm worker until the pool's status
+    # showed the worker claimed; then the warm count dropped (the replacement is still warming up)...
+    wait_for(lambda: router_pool_view(router)["claimed"] == 1, 30, "the router to see the claimed worker")
+    sampler.__exit__()
+    assert sampler.samples[0] == (1, 0)
+    assert (1, 1) in sampler.samples, sampler.samples
+    assert any(w == 0 for w, _ in sampler.samples), sampler.samples
+    assert router.router.manager.cold_starts[0]["pool_wait_s"] == 0  # it was expected to find the warm worker
+    assert router_pool_view(router)["router_pending"] == 0  # the pool shows its claim: no longer pending
+    # ...and comes back when the pool's replacement is warm
+    wait_for(lambda: router_pool_view(router)["warm"] == 1, 120, "the router to see the replacement warm")
 
     # keep-alive (3 s) expires: the router unloads it, the worker exits, the pool is back to its warm count
     wait_for(lambda: "cold" not in router.router.hosts[0].instances, 60, "the keep-alive unload")

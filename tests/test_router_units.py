@@ -3,9 +3,13 @@ updates from observed loads, the stream merge that makes failover and migration 
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -250,3 +254,155 @@ def test_cli_help_documents_the_flags():
     bad = subprocess.run([sys.executable, "-m", "tritonmoe.router", "--config", "/nonexistent.json"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "nonexistent" in bad.stderr
+
+
+# ---- warm engine-pool workers in the start-up estimate ----------------------------------------------------------
+def _pool_status(warm: dict, claimed: dict | None = None, starting: dict | None = None, warmup_s: float = 10.0,
+                 per_device: int = 2) -> dict:
+    """A ``pool_status`` reply (backend/engine_pool.py EnginePool.status): ``claimed`` {device: [model, ...]},
+    ``starting`` {device: [age_s, ...]}; every warm or claimed worker reports warm-up phases summing to warmup_s."""
+    phases = {"imports": warmup_s / 2, "kernels": warmup_s / 2}
+    workers = []
+    for d, n in warm.items():
+        workers += [{"pid": 1, "device": d, "state": "warm", "model": None, "warm": {"phases": phases},
+                     "age_s": 60}] * n
+    for d, models in (claimed or {}).items():
+        workers += [{"pid": 2, "device": d, "state": "claimed", "model": m, "warm": {"phases": phases}, "age_s": 60}
+                    for m in models]
+    for d, ages in (starting or {}).items():
+        workers += [{"pid": 3, "device": d, "state": "starting", "model": None, "warm": None, "age_s": a}
+                    for a in ages]
+    return {"ok": True, "devices": list(warm), "per_device": per_device, "warm": warm, "claims": 0, "workers": workers}
+
+
+def _pooled_manager(devices, models=("a",), overhead_s=0.5):
+    """Hosts h0.. on ``devices`` (gpu:N), all naming one engine pool; models of 1 GB from disk (1 s at 1 GB/s)."""
+    hosts = [{**HOSTS[0], "name": f"h{i}", "device": d, "engine_pool": "/tmp/tmoe-test-pool.sock"}
+             for i, d in enumerate(devices)]
+    cfg = RouterConfig.parse({"hosts": hosts, "models": {m: {"checkpoint": f"/{m}"} for m in models}})
+    m = Manager(cfg, [Host(h) for h in cfg.hosts], LocalityPolicy())
+    m._bytes.update({name: 10**9 for name in models})
+    for h in m.hosts:
+        h.overhead_s = overhead_s  # a pooled load's learned fixed cost
+    return m
+
+
+def test_pool_device_names_follow_the_backend():
+    cfg = RouterConfig.parse({"hosts": [{**HOSTS[0], "device": "gpu"}, {**HOSTS[1], "device": "gpu:3"}, HOSTS[2]]})
+    # the router's KIND_GPU instance on GPU N is the backend's cuda:N (serving.py: model_instance_device_id)
+    assert [h.pool_device for h in cfg.hosts] == ["cuda:0", "cuda:3", "cpu"]
+    assert cfg.hosts[0].instance_group["gpus"] == [0]
+
+
+def test_locality_prefers_a_device_with_a_warm_pool_worker():
+    m = _pooled_manager(["gpu:0", "gpu:1"])
+    h0, h1 = m.hosts
+    assert h0.pool is h1.pool  # one pool per socket, shared by its hosts
+    h0.pool.update(_pool_status({"cuda:0": 0, "cuda:1": 2}, claimed={"cuda:0": ["other"]},
+                                starting={"cuda:0": [0.0]}, warmup_s=11.0))
+    h1.loads_in_flight = 1  # h1's queue estimate is a little worse (one load in flight: +0.5 s)
+    spec = m.specs["a"]
+    cands = {c.host.name: c for c in m.candidates(spec)}
+    assert cands["h0"].pool_wait_s == pytest.approx(11.0, abs=0.1) and cands["h1"].pool_wait_s == 0
+    assert cands["h1"].queue_s > cands["h0"].queue_s
+    assert m.policy.choose(spec, list(cands.values()), 0).host.name == "h1"
+    # the same hosts without a word from the pool about warm workers (unknown): h0, the shorter queue
+    h0.pool.unknown("test")
+    cands = m.candidates(spec)
+    assert all(c.pool_wait_s == pytest.approx(11.0, abs=0.1) for c in cands)  # the warm-up it last reported
+    assert m.policy.choose(spec, cands, 0).host.name == "h0"
+    # a model that opts out of the pool waits for no worker anywhere
+    m.specs["a"].use_engine_pool = False
+    assert all(c.pool_wait_s == 0 for c in m.candidates(spec))
+
+
+def test_a_burst_of_cold_starts_is_spread_over_the_warm_workers():
+    import asyncio
+
+    # four servers on two GPUs (h0, h2 on GPU 0; h1, h3 on GPU 1), one pool: 1 warm worker on GPU 0, 2 on GPU 1
+    m = _pooled_manager(["gpu:0", "gpu:1", "gpu:0", "gpu:1"], models=("a", "b", "c", "d"))
+    view = m.hosts[0].pool
+    view.update(_pool_status({"cuda:0": 1, "cuda:1": 2}))
+
+    async def loaded(host, spec, inst, tier):  # stands in for Triton's load: ready at once
+        host.loads_in_flight += 1
+        await asyncio.sleep(0.05)
+        host.loads_in_flight -= 1
+        inst.state, inst.loaded_at = "ready", 1.0
+        inst.ready.set()
+
+    m._load = loaded
+
+    async def burst(models):
+        insts = await asyncio.gather(*(m.acquire(name) for name in models))
+        return {i.model: i.host.pool_device for i in insts}
+
+    placed = asyncio.run(burst(["a", "b", "c"]))
+    per_device = collections.Counter(placed.values())
+    assert per_device == {"cuda:0": 1, "cuda:1": 2}, placed  # no device gets more cold starts than warm workers
+    assert [h.instances[name].pool_wait_s for name in placed for h in m.hosts if name in h.instances] == [0, 0, 0]
+    # ready, but the pool has not reported the claims yet: they still count against its (stale) warm counts
+    assert m.pool_pending(view, "cuda:0") == 1 and m.pool_pending(view, "cuda:1") == 2
+    # the pool's next status shows the claims; GPU 0's replacement is nearly warm, GPU 1's two just started
+    view.update(_pool_status({"cuda:0": 0, "cuda:1": 0}, warmup_s=10.0,
+                             claimed={d: [k for k, v in placed.items() if v == d] for d in ("cuda:0", "cuda:1")},
+                             starting={"cuda:0": [9.0], "cuda:1": [1.0, 1.0]}))
+    assert m.pool_pending(view, "cuda:0") == 0 and m.pool_pending(view, "cuda:1") == 0
+    # no warm worker anywhere: the next cold start goes where a worker will be warm first
+    cands = m.candidates(m.specs["d"])
+    assert {c.host.pool_device: round(c.pool_wait_s) for c in cands} == {"cuda:0": 1, "cuda:1": 9}
+    assert asyncio.run(burst(["d"])) == {"d": "cuda:0"}
+    # a load predicted to wait for a worker does not teach the pooled fixed cost
+    h = next(h for h in m.hosts if "d" in h.instances)
+    assert h.instances["d"].pool_wait_s == pytest.approx(1.0, abs=0.1)
+    h.observe_load("disk", 10**9, 11.5, h.instances["d"].pool_wait_s)
+    assert h.waited_loads_observed == 1 and h.overhead_s == 0.5
+
+
+def test_an_unreachable_or_hung_pool_counts_as_no_warm_worker(tmp_path, caplog):
+    import asyncio
+    import socket
+
+    from tritonmoe.router.state import Poller
+
+    m = _pooled_manager(["gpu:0", "gpu:1"])
+    h0, h1 = m.hosts
+    view = h0.pool
+    view.update(_pool_status({"cuda:0": 2, "cuda:1": 2}, warmup_s=7.0))
+    assert m.pool_wait_s(h0, m.specs["a"]) == 0
+    poller = Poller(m.hosts, 1.0, pool_timeout=0.5)
+    assert list(poller.pools.values()) == [view]
+
+    async def polls(n):
+        for _ in range(n):
+            t = time.monotonic()
+            await poller.poll_pool(view)
+            assert time.monotonic() - t < 2.0
+            await asyncio.sleep(0.05)  # a refused connection's thread ends at once
+
+    # no pool at that socket: unknown (cold on every device), logged once however often it is asked
+    with caplog.at_level(logging.WARNING, logger="tritonmoe.router"):
+        asyncio.run(polls(3))
+    assert view.warm is None and "cannot reach the engine pool" in view.error
+    assert sum("engine pool /tmp/tmoe-test-pool.sock" in r.getMessage() for r in caplog.records) == 1
+    assert m.pool_wait_s(h0, m.specs["a"]) == pytest.approx(7.0) and m.pool_wait_s(h1, m.specs["a"]) == 7.0
+
+    # a pool that accepts the connection but never answers: unknown after the timeout, and one thread at most
+    path = str(tmp_path / "hung.sock")
+    (tmp_path / "hung.sock.key").write_text("00" * 32)
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(path)
+    hung.listen(8)
+    view.socket = path
+    view.update(_pool_status({"cuda:0": 2, "cuda:1": 2}))
+    try:
+        asyncio.run(polls(1))
+        assert view.warm is None and "no answer within 0.5s" in view.error and view.querying
+        asyncio.run(polls(2))  # still out: not asked again
+        assert view.querying and sum(t.name == "pool-status" for t in threading.enumerate()) == 1
+    finally:
+        hung.close()
+    deadline = time.monotonic() + 10
+    while view.querying and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not view.querying  # the stuck query ended with the socket
