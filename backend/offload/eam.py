@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 PHASES = ("prefill", "decode")
-SHARES_KEPT = 256  # row-normalised match sums kept per collection and phase (each L x E float64)
+SHARES_KEPT = 128  # row-normalised match sums kept per collection and phase (each L x E float64: 6 MiB at 48 x 128)
 
 
 class ActivationTracer:
@@ -246,7 +246,7 @@ class ActivationPredictor:
         share = self._shares.get(chosen)
         if share is None:
             if len(self._shares) >= SHARES_KEPT:
-                self._shares.clear()
+                del self._shares[next(iter(self._shares))]  # the oldest
             share = _row_normalised(_sum_in_order([self._stored[i] for i in chosen]))
             share.setflags(write=False)
             self._shares[chosen] = share

@@ -110,7 +110,7 @@ class ActivationAwareEviction:
     is admitted only over a victim of lower score, so predictions never evict what they rank higher."""
 
     EPS = 1e-6
-    TABLES_KEPT = 256
+    TABLES_KEPT = 128  # eviction tables kept with read-only predictions (each L x E float64)
     always_admits = False
 
     def __init__(self, predictor):
@@ -146,7 +146,7 @@ class ActivationAwareEviction:
         self._table = (p, version, table)
         if frozen:
             if len(self._kept) >= self.TABLES_KEPT:
-                self._kept.clear()
+                del self._kept[next(iter(self._kept))]  # the oldest
             self._kept[id(p)] = (p, table)  # holding p keeps its id unique
         return table
 
