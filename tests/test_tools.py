@@ -153,3 +153,28 @@ def test_main_job_with_the_pool_and_the_loader_serves_the_same_tokens(tmp_path):
     assert completion(r.stdout) == completion(plain.stdout)
     socket_path = r.stdout.split("engine pool up at ", 1)[1].split(" ", 1)[0]
     assert not Path(socket_path).exists() and not Path(socket_path).parent.exists()
+
+
+def test_bench_startup_reports_a_failing_path_and_measures_the_others(tmp_path, monkeypatch):
+    """A path whose model loads but cannot generate (on the H200, a pre-pinned pool worker did that) is reported as
+    failed in the table and the JSON, unloaded, and not tried again; the other paths are still measured. The
+    failure is injected into the client's first loader-path generate; server, loader and loads are real."""
+    from tritonmoe.tools import bench_startup
+    from tritonmoe.tools.client import GenerateError
+
+    real, calls = bench_startup.generate, []
+
+    def generate_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # round 1: hf, then loader
+            raise GenerateError(400, "generation failed: injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_startup, "generate", generate_failing_once)
+    out = tmp_path / "startup.json"
+    assert bench_startup.main(["--gb", "0.3", "--paths", "hf,loader", "--repeat", "2", "--no-warmup",
+                               "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["failed"] == {"loader": "GenerateError: HTTP 400: generation failed: injected"}
+    assert list(result["paths"]) == ["hf"] and len(result["paths"]["hf"]["runs"]) == 2
+    assert len(calls) == 3  # hf, loader (failed), hf: the loader path was not tried again

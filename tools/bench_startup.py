@@ -46,7 +46,7 @@ from pathlib import Path
 from tritonmoe.backend.io_spec import complete_config
 
 from . import tiny_models
-from .client import generate, load_model, unload_model
+from .client import GenerateError, generate, load_model, unload_model
 from .model_config import read_config, with_overrides
 from .serve import spawn_loader, spawn_pool, stop_pool
 from .tritonserver import TritonServer, tritonmoe_home
@@ -215,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             load_model(server.http_url, MODEL, config, files={"1/model.py": shim})
             t1 = time.perf_counter()
-            generate(server.http_url, MODEL, "def main():", max_tokens=1)
+            try:
+                generate(server.http_url, MODEL, "def main():", max_tokens=1)
+            except GenerateError:  # loaded but cannot generate: unload it (and wait) so the next path starts clean
+                before = unloaded_count(server)
+                unload_model(server.http_url, MODEL)
+                wait_unloaded(server, before)
+                raise
             t2 = time.perf_counter()
             run = {"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0, "phases": startup_phases(server)}
             if path in pools:
@@ -227,8 +233,17 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = ([] if a.no_warmup else [a.paths[0]]) + [path for _ in range(a.repeat) for path in a.paths]
         runs = {path: [] for path in a.paths}
+        failed: dict[str, str] = {}  # a path that failed once is not tried again; the others go on
         for i, path in enumerate(plan):
-            run = load_once(path)
+            if path in failed:
+                continue
+            try:
+                run = load_once(path)
+            except Exception as e:  # noqa: BLE001 - reported in the table and the JSON, the run goes on
+                failed[path] = f"{type(e).__name__}: {e}"[:2000]
+                say(f"  {path:9s} FAILED: {failed[path][:400]}")
+                result.setdefault("failed", {})[path] = failed[path]
+                continue
             warmup = i == 0 and not a.no_warmup
             if warmup:
                 result["warmup"] = {"path": path, **run}
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"(waited {run['pool_wait_s']:.1f}s for a warm worker)  " if "pool_wait_s" in run else "")
                 + "phases " + ", ".join(f"{k} {v:.2f}s" for k, v in run["phases"].items()))
         for path, rs in runs.items():
+            if not rs:
+                continue
             ordered = sorted(rs, key=lambda r: r["total_s"])
             result["paths"][path] = {"median": ordered[(len(ordered) - 1) // 2], "best": ordered[0], "runs": rs}
     finally:
@@ -264,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in m["phases"].items())
         say(f"| {path} | {m['load_s']:.2f} | {m['first_token_s']:.3f} | {m['total_s']:.2f} | "
             f"{r['best']['total_s']:.2f} | {nbytes / 1e9 / m['total_s']:.2f} | {ratio} | {phases} |")
+    for path, error in result.get("failed", {}).items():
+        say(f"| {path} | failed | | | | | | {error[:200]} |")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1, default=str))
         say(f"results: {a.out}")
