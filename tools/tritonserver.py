@@ -193,8 +193,13 @@ class TritonServer:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGINT (Triton's graceful shutdown: unloads models, calls ``finalize``), then SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            # the server died (killed, crashed): its Python stubs, in its process group, outlive it; end them
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.returncode
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGINT)
         try:
