@@ -24,6 +24,7 @@ from tritonmoe.backend.config import EngineConfig
 from tritonmoe.backend.offload.host_store import HostExpertStore, PartsHostStore
 from tritonmoe.backend.weights import load_for_serving
 from tritonmoe.loader.convert import convert
+from tritonmoe.tools.bench_loader import smaps_rollup
 from tritonmoe.tools.tiny_models import ARCHITECTURES, TinySpec, build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,14 +195,6 @@ def test_expert_sources_refuse_what_is_not_a_byte_range(converted):
 
 
 # ---- memory of a fresh backend process ---------------------------------------------------------------------------
-def smaps_rollup() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
     """Load ``checkpoint`` through the loader with offloading in this fresh process (``mode`` "shm": the new path;
     "packed": the old one, forced by declining the shared-memory tier) and print one JSON line of memory figures."""

@@ -616,7 +616,8 @@ def plot(results_json: Path, out: Path) -> None:
 
 
 # ---- host memory of a backend process (issue 3: "peak host memory ... report it") --------------------------------
-def _smaps_rollup() -> dict[str, int]:
+def smaps_rollup() -> dict[str, int]:
+    """This process's memory by kind (bytes): /proc/self/smaps_rollup."""
     out = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":", 1)
@@ -643,7 +644,7 @@ def memory_child(case: str, where: str) -> None:
         ckpt = LoaderClient(url).ensure_loaded(name)
         model = load_hf_model_from_shm(ckpt, "cpu", torch.bfloat16)
     seconds = time.perf_counter() - start
-    sm = _smaps_rollup()
+    sm = smaps_rollup()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"case": case, "seconds": seconds, "model_bytes": params,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
