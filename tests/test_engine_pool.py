@@ -370,3 +370,31 @@ def test_replacement_starts_at_once_or_after_replace_delay(tmp_path, delay):
         assert _gone(worker["pid"])  # a claimed worker whose stub goes away exits
     finally:
         pool.stop()
+
+
+def test_keep_warm_forwards_run_until_the_claim_and_the_worker_still_serves_the_same_tokens(pooled, tiny, reference,
+                                                                                            tmp_path):
+    """--keep-warm: an idle worker repeats its tiny forward until it is claimed (it then stops: the count is
+    logged once), and the model it then loads gives transformers' tokens; the first step's log line carries the
+    page faults since the model was ready."""
+    import re
+
+    log_path = tmp_path / "keep-warm-pool.log"
+    pool = Pool(log_path, 1, "--keep-warm", "0.2").start()
+    client = httpclient.InferenceServerClient(pooled.http_url, network_timeout=300)
+    try:
+        time.sleep(1.5)
+        write_model(pooled.repo, "kept_warm", tiny("mixtral"), engine_pool=pool.socket)
+        client.load_model("kept_warm")
+        _, text = reference(tiny("mixtral"), PROMPTS[0], 8)
+        assert generate(pooled.http_url, "kept_warm", PROMPTS[0], max_tokens=8,
+                        exclude_input_in_output=True)["text_output"] == text
+        time.sleep(1.0)  # no keep-warm forward after the claim: the count is logged once, when claimed
+        counts = [int(n) for n in re.findall(r"claimed after (\d+) keep-warm forward", log_path.read_text())]
+        assert len(counts) == 1 and counts[0] >= 3, counts
+        assert re.search(r"first engine step of this model: [0-9.]+s \(\d+ running; page faults since ready: "
+                         r"\d+ major, \d+ minor\)", log_path.read_text())
+        client.unload_model("kept_warm")
+    finally:
+        client.close()
+        pool.stop()
