@@ -44,7 +44,6 @@ KEY_SUFFIX = ".key"
 ENV_KEY = "TRITONMOE_ENGINE_POOL_KEY"  # the workers' copy of the key (hex)
 CLAIM_TIMEOUT = 120.0  # seconds a claim waits for a warm worker (a replacement takes seconds to warm up)
 SUN_PATH_MAX = 107  # bytes of an AF_UNIX socket path (Linux sun_path is 108 with the NUL)
-KEEP_WARM_DEFAULT = 0.0  # seconds between a warm worker's keep-warm forwards (0: off)
 
 log = logging.getLogger("tritonmoe.engine_pool")
 
@@ -415,9 +414,6 @@ def main(argv: list[str] | None = None) -> int:
                         "compete with the claimed worker's load and first forward (default 0: at once)")
     p.add_argument("--no-kernel-warmup", action="store_true",
                    help="workers skip the tiny MoE forward that loads the GPU kernels before a claim")
-    p.add_argument("--keep-warm", type=float, default=KEEP_WARM_DEFAULT, metavar="SECONDS",
-                   help="warm workers repeat their tiny MoE forward every SECONDS until claimed, so a worker that "
-                        f"waited long is as fast as a fresh one (0: never; default {KEEP_WARM_DEFAULT:g})")
     p.add_argument("--prepin-loader", metavar="URL",
                    help="workers map the DRAM-resident models of the loader at URL before a claim and, on a GPU, "
                         "page-lock them (a load of one of them then copies at the pinned PCIe rate; on a GPU, failed "
@@ -435,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--per-device must be >= 1")
     if a.replace_delay < 0:
         p.error("--replace-delay must be >= 0")
-    if a.keep_warm < 0:
-        p.error("--keep-warm must be >= 0")
     try:
         devices = parse_devices(a.devices or default_devices())
     except ValueError as e:
@@ -455,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pool = EnginePool(a.socket, devices, a.per_device, replace_delay=a.replace_delay,
                           worker_args=(["--no-kernel-warmup"] if a.no_kernel_warmup else [])
-                          + (["--keep-warm", str(a.keep_warm)] if a.keep_warm else [])
                           + (["--prepin-loader", a.prepin_loader] if a.prepin_loader else []))
         pool.serve()
     except KeyboardInterrupt:

@@ -250,31 +250,6 @@ def _tiny_forward(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def keep_warm(device: torch.device, every: float, claimed: threading.Event, tag: str) -> None:
-    """Until the claim: the tiny forward again every ``every`` seconds. On the H200, a worker claimed right after
-    its warm-up ran a 16 GB model's first step in 0.09-0.13 s, one that had sat idle for ~30 s in 0.97 s (as slow
-    as a process that never warmed up). Runs on its own thread, which exits at the claim (its cuBLAS handles go
-    back to torch's pool for the engine thread). A forward that takes unusually long is logged: the worker had
-    gone cold."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    quickest, forwards = None, 0
-    while not claimed.wait(every):
-        forwards += 1
-        t = time.perf_counter()
-        try:
-            _tiny_forward(device)
-        except Exception as e:  # noqa: BLE001 - keeping warm is an optimisation; stop trying, keep serving
-            log.warning("%s: keep-warm forward failed (%s: %s); no longer keeping warm", tag, type(e).__name__, e)
-            return
-        seconds = time.perf_counter() - t
-        if quickest is not None and seconds > max(0.1, 3 * quickest):
-            log.info("%s: keep-warm forward took %.3fs after %.0fs idle (quickest %.3fs): the worker had gone cold",
-                     tag, seconds, every, quickest)
-        quickest = seconds if quickest is None else min(quickest, seconds)
-    log.info("%s: claimed after %d keep-warm forward(s)", tag, forwards)
-
-
 def prepin(loader_url: str, device: torch.device) -> tuple[float, int, int]:
     """Map every model the loader holds in its DRAM cache and, on a GPU, page-lock it in place, before any claim:
     a later load of one of them through that loader copies at the pinned PCIe rate instead of page-locking on the
@@ -462,8 +437,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", required=True, help="Unix socket to listen on for the claiming stub")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--no-kernel-warmup", action="store_true", help="skip the tiny MoE forward")
-    p.add_argument("--keep-warm", type=float, default=0.0, metavar="SECONDS",
-                   help="repeat the tiny MoE forward every SECONDS until claimed (0: never)")
     p.add_argument("--prepin-loader", metavar="URL",
                    help="map (and on a GPU page-lock) the DRAM-resident models of this loader before a claim")
     a = p.parse_args(argv)
@@ -497,9 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     claimed, connected = threading.Event(), threading.Event()
     threading.Thread(target=_watch_pool, args=(claimed, connected, tag), name="tritonmoe-worker-pool",
                      daemon=True).start()
-    if a.keep_warm > 0 and not a.no_kernel_warmup:
-        threading.Thread(target=keep_warm, args=(device, a.keep_warm, claimed, tag), name="tritonmoe-keep-warm",
-                         daemon=True).start()
     print("READY " + json.dumps({"phases": phases, "torch": torch.__version__, "prepinned": prepinned}),
           flush=True)
     while True:

@@ -70,9 +70,6 @@ def parse_args(argv):
                         "--disable-auto-complete-config")
     p.add_argument("--pool-replace-delay", type=float, default=0.0, metavar="SECONDS",
                    help="the pools' --replace-delay: start a claimed worker's replacement this long after the claim")
-    p.add_argument("--pool-keep-warm", type=float, default=None, metavar="SECONDS",
-                   help="the pools' --keep-warm: idle workers repeat their tiny forward this often (default: the "
-                        "pool's default)")
     p.add_argument("--pool-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each pooled load, once the pool is warm, wait this long: the claimed worker has sat "
                         "idle at least that long, as it would between bursts in service")
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": sys.argv, "gb": nbytes / 1e9, "spec": spec.__dict__, "device": a.device, "gpu": gpu,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "paths": {},
               "auto_complete_config": a.auto_complete_config, "repeat": a.repeat, "pool_replace_delay": a.pool_replace_delay,
-              "pool_keep_warm": a.pool_keep_warm, "pool_idle": a.pool_idle}
+              "pool_idle": a.pool_idle}
     server = TritonServer(REPO_ROOT / "model_repository", log_path=work / "tritonserver.log",
                           extra_args=[] if a.auto_complete_config else ["--disable-auto-complete-config"])
     try:
@@ -202,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             pools[path] = pool = spawn_pool("0" if a.device == "gpu" else "cpu", work / f"engine-{path}.log",
                                             extra_args=["--replace-delay", str(a.pool_replace_delay)]
-                                            + ([] if a.pool_keep_warm is None
-                                               else ["--keep-warm", str(a.pool_keep_warm)])
                                             + (["--prepin-loader", url] if path == "pool_pinned" else []))
             warm = [w["warm"] for w in pool_status(pool.socket)["workers"] if w["state"] == "warm"]
             result.setdefault("pool_warm", {})[path] = warm
