@@ -212,6 +212,15 @@ class ShmCheckpoint:
             if actual != entry.checksum:
                 raise ChecksumError(name, entry.checksum, actual, str(self.path))
 
+    def _locate(self, view: torch.Tensor) -> tuple[int, int]:
+        """(partition, byte offset) of a uint8 view of this mapping."""
+        ptr = view.data_ptr()
+        for number, part in enumerate(self.partitions):
+            start = part.data_ptr()
+            if part.numel() and start <= ptr and ptr + view.numel() <= start + part.numel():
+                return number, ptr - start
+        raise ValueError("the view is not inside one partition of this mapping")
+
     # ---- device copies -----------------------------------------------------------------------------------------
     def spans(self, names) -> list[tuple[int, int, int]]:
         """The fewest (partition, start, end) byte ranges that cover ``names`` and no other tensor (padding
@@ -255,7 +264,8 @@ class ShmCheckpoint:
         return self._registry is not None and self._registry.registered_bytes >= sum(self.index.partitions)
 
     def to_device(self, device: torch.device | str, names=None, *, method: str = "auto",
-                  chunk_bytes: int | None = None, threads: int = 16) -> dict[str, torch.Tensor]:
+                  chunk_bytes: int | None = None, threads: int = 16,
+                  into: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> dict[str, torch.Tensor]:
         """``names`` (default all) as tensors on ``device``: the covering spans are copied into one device buffer
         each and the tensors are views into those; copies run on a side stream in large chunks.
 
@@ -264,7 +274,11 @@ class ShmCheckpoint:
         with the copies) unless :meth:`pin` did; "staged" preads the shared-memory files on ``threads`` threads
         into a ring of pinned buffers, each copied while the next are filled; "auto" is "loader" where the loader
         offers it, else "pinned" when the mapping is already page-locked, else "staged" (faster than page-locking
-        in this process where page-locking is slow)."""
+        in this process where page-locking is slow).
+
+        ``into``: (source, destination) pairs copied in the same pipeline ("staged" only): a source is a uint8 view
+        of one partition of this mapping (e.g. from :meth:`raw`), its destination a device uint8 tensor of the same
+        size that already exists (a byte range of a model's parameter)."""
         device = torch.device(device)
         names = list(self.index.tensors if names is None else names)
         if device.type != "cuda":
@@ -275,6 +289,8 @@ class ShmCheckpoint:
         chunk_bytes = chunk_bytes or DEFAULT_COPY_CHUNK
         if method == "auto":
             method = "loader" if self.loader is not None else "pinned" if self.pinned else "staged"
+        if into and method != "staged":
+            raise ValueError(f"copies into existing buffers go through the staged path, not {method!r}")
         spans = self.spans(names)
         if method == "loader":
             if self.loader is None:
@@ -290,7 +306,8 @@ class ShmCheckpoint:
         elif method == "staged":
             with CheckpointReader(self.path, direct=False, threads=threads, chunk_bytes=chunk_bytes) as reader:
                 buffers = stream_reader_to_device(reader, device, chunk_bytes=chunk_bytes,
-                                                  spans=[(p, s, e - s) for p, s, e in spans])
+                                                  spans=[(p, s, e - s) for p, s, e in spans],
+                                                  into=[(*self._locate(src), dst) for src, dst in into])
         else:
             raise ValueError(f"method must be auto, pinned or staged, got {method!r}")
         out = {}

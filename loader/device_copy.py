@@ -168,18 +168,25 @@ class StagingRing:
 
 
 def stream_reader_to_device(reader, device: torch.device | str, *, chunk_bytes: int = DEFAULT_COPY_CHUNK,
-                            slots: int = 16, spans: list[tuple[int, int, int]] | None = None) -> list[torch.Tensor]:
+                            slots: int = 16, spans: list[tuple[int, int, int]] | None = None,
+                            into: list[tuple[int, int, torch.Tensor]] = ()) -> list[torch.Tensor]:
     """Read byte spans of an open :class:`~tritonmoe.loader.reader.CheckpointReader` into new device buffers,
     through a ring of ``slots`` pinned staging buffers of ``chunk_bytes``: up to ``slots`` preads run at once on
     the reader's threads, and each finished chunk is copied to the GPU while later ones are being read.
 
-    ``spans``: (partition, offset, bytes), default every whole partition. Returns one device uint8 tensor each."""
+    ``spans``: (partition, offset, bytes), default every whole partition. Returns one device uint8 tensor each.
+    ``into``: more (partition, offset, destination) reads, each into a device uint8 tensor that already exists
+    (e.g. a byte range of a model's parameter), in the same pipeline; all reads go in file order."""
     from .direct_io import read_ranges
 
     device = torch.device(device)
     if spans is None:
         spans = [(p, 0, size) for p, size in enumerate(reader.index.partitions)]
     outs = [torch.empty(n, dtype=torch.uint8, device=device) for _, _, n in spans]
+    reads = [(partition, offset, out) for out, (partition, offset, _) in zip(outs, spans)] + list(into)
+    jobs = sorted(((partition, offset + start, dst[start:start + chunk_bytes])
+                   for partition, offset, dst in reads for start in range(0, dst.numel(), chunk_bytes)),
+                  key=lambda job: job[:2])
     stream = torch.cuda.Stream(device)
     ring = StagingRing(device, chunk_bytes, slots, stream)
     views = [memoryview(b.numpy()).cast("B") for b in ring.buffers]  # pinned, page-aligned: O_DIRECT works
@@ -195,14 +202,11 @@ def stream_reader_to_device(reader, device: torch.device | str, *, chunk_bytes: 
         ring.launch(slot, n, dst)
 
     try:
-        for out, (partition, offset, size) in zip(outs, spans):
-            for start in range(0, size, chunk_bytes):
-                n = min(chunk_bytes, size - start)
-                if len(in_flight) == slots - 1:  # keep one slot for the copy engine to work on
-                    drain_one()
-                slot = ring.acquire()
-                in_flight.append((pool.submit(read, slot, partition, offset + start, n), slot, n,
-                                  out[start:start + n]))
+        for partition, offset, dst in jobs:
+            if len(in_flight) == slots - 1:  # keep one slot for the copy engine to work on
+                drain_one()
+            slot = ring.acquire()
+            in_flight.append((pool.submit(read, slot, partition, offset, dst.numel()), slot, dst.numel(), dst))
         while in_flight:
             drain_one()
         stream.synchronize()

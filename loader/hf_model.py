@@ -88,6 +88,14 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
     phases = phases if phases is not None else {}
     experts = checkpoint.expert_names()
     t = time.perf_counter()
+    # On a GPU, each routed expert's bytes go straight into its place in the model's fused expert parameters
+    # (allocated here), in the same pipeline as the other weights: no second device copy of the experts for
+    # transformers to fuse, and half the peak GPU memory. Where the checkpoint does not map onto them byte for
+    # byte (transposed experts, casts, fp8 scales), transformers fuses them as before.
+    fused = _fused_experts_on(checkpoint, device, dtype) if device.type == "cuda" and experts_device == device \
+        and not checkpoint.pinned and checkpoint.loader is None else None
+    if fused is not None:
+        experts_device = torch.device("meta")  # stand-ins below; the real parameters are swapped in after
     state_dict = {}
     for target, names in ((device, checkpoint.non_expert_names()), (experts_device, sorted(experts))):
         if target.type == "meta":
@@ -95,7 +103,8 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
         if target.type == "cpu":
             state_dict.update(checkpoint.state_dict(names))
         else:
-            state_dict.update(checkpoint.to_device(target, names))
+            state_dict.update(checkpoint.to_device(target, names, into=fused[1] if fused and target == device
+                                                   else ()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     phases["gpu_copy"] = time.perf_counter() - t
@@ -110,7 +119,7 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
     if experts_device.type == "meta":
         # Stand-ins for the fused expert parameters under the model's own names: the right shape and dtype, one
         # element expanded (no memory, nothing for transformers to fuse or copy; the offloading engine drops them).
-        for name, module in experts_modules(meta_model(checkpoint.path, dtype)):
+        for name, module in experts_modules(fused[2] if fused is not None else meta_model(checkpoint.path, dtype)):
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dim() >= 2 and param.shape[0] == module.num_experts:
                     state_dict[f"{name}.{param_name}"] = torch.zeros((), dtype=param.dtype,
@@ -121,10 +130,38 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
         model = model.to(device)
     else:
         _move_non_experts(model, device)
+    if fused is not None:
+        for (name, module), params in zip(experts_modules(model), fused[0]):
+            for param_name, tensor in params.items():
+                setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
     phases["build"] = time.perf_counter() - t
     log.info("model from the loader's DRAM cache %s: GPU copy %.3f s, build %.3f s", checkpoint.path,
              phases["gpu_copy"], phases["build"])
     return model
+
+
+def _fused_experts_on(checkpoint, device: torch.device, dtype):
+    """The model's fused expert parameters, allocated (uninitialised) on ``device``, the (shared-memory view,
+    device byte range) copies that fill them, and the meta model they were planned on; None (logged) where
+    :func:`expert_sources` refuses the mapping."""
+    model = meta_model(checkpoint.path, dtype)
+    try:
+        sources = expert_sources(checkpoint, model)
+    except ExpertMappingError as e:
+        log.info("experts of %s fused by transformers after the copy: %s", checkpoint.path, e)
+        return None
+    params, copies = [], []
+    for (_, module), layer in zip(experts_modules(model), sources):
+        real = {name: torch.empty(p.shape, dtype=p.dtype, device=device)
+                for name, p in module.named_parameters(recurse=False)
+                if p.dim() >= 2 and p.shape[0] == module.num_experts}
+        flat = {name: t.view(-1).view(torch.uint8) for name, t in real.items()}
+        for expert, parts in enumerate(layer):
+            for name, offset, view in parts:
+                start = expert * (flat[name].numel() // module.num_experts) + offset
+                copies.append((view, flat[name][start:start + view.numel()]))
+        params.append(real)
+    return params, copies, model
 
 
 # ---- routed experts served from the shared memory (offloading without a second host copy) ------------------------

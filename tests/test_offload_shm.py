@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -389,3 +390,86 @@ def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, 
     assert generate(loaded, ids) == want
     assert loaded.offloader.stats()["misses"] > 0
     loaded.offloader.close()
+
+
+@pytest.fixture
+def dram_copy(tmp_path):
+    """dram_copy(converted folder) -> a ShmCheckpoint of it filled into /dev/shm the way the loader fills it."""
+    import uuid
+
+    from tritonmoe.loader import dram_cache
+    from tritonmoe.loader.client import ShmCheckpoint
+
+    root = Path("/dev/shm") / f"tritonmoe-test-{uuid.uuid4().hex[:8]}"
+    opened = []
+
+    def make(conv: Path):
+        dest = root / conv.name
+        dram_cache.fill(conv, dest, threads=2, chunk_bytes=1 << 20)
+        opened.append(ShmCheckpoint(dest))
+        return opened[-1]
+
+    yield make
+    for ck in opened:
+        ck.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_fused_expert_copies_fill_transformers_parameters_exactly(converted, dram_copy):
+    """The loader path on a GPU copies each routed expert straight into the model's fused parameters: for every
+    architecture the planned (shared-memory view, parameter byte range) copies cover every byte of those
+    parameters (pre-filled with a pattern) and give exactly what transformers' own fusion gives."""
+    from tritonmoe.loader.hf_model import _fused_experts_on, experts_modules, load_hf_model_from_shm
+
+    for arch in ARCHITECTURES:
+        _, conv = converted(arch)
+        ck = dram_copy(conv)
+        planned = _fused_experts_on(ck, torch.device("cpu"), torch.float32)
+        assert planned is not None, arch
+        params, copies, _ = planned
+        for layer in params:
+            for t in layer.values():
+                t.view(-1).view(torch.uint8).fill_(0xAB)
+        for src, dst in copies:
+            assert src.numel() == dst.numel() and inside_mapping(src, ck.partitions), arch
+            dst.copy_(src)
+        fused = load_hf_model_from_shm(ck, "cpu", torch.float32, experts_device="cpu")
+        modules = experts_modules(fused)
+        assert len(modules) == len(params), arch
+        for (name, module), got in zip(modules, params):
+            want = {n: p for n, p in module.named_parameters(recurse=False)
+                    if p.dim() >= 2 and p.shape[0] == module.num_experts}
+            assert want.keys() == got.keys(), (arch, name)
+            for n in want:
+                assert torch.equal(got[n], want[n]), (arch, name, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (-m gpu on the GPU machine)")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_cuda_load_from_the_dram_copy_fills_fused_experts_directly_and_matches_stock(tmp_path, dram_copy, arch,
+                                                                                    caplog):
+    """On the GPU, bf16: a model loaded from the DRAM copy has real fused expert parameters filled by the copy
+    pipeline itself (transformers fused nothing) and generates what the stock model generates."""
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tritonmoe.loader.hf_model import experts_modules, load_hf_model_from_shm
+
+    hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2, dtype="bfloat16"), tmp_path / f"{arch}-hf")
+    conv = convert(hf, tmp_path / arch, progress=False).dest
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda").eval()
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    with caplog.at_level(logging.INFO, logger="tritonmoe.loader"):
+        model = load_hf_model_from_shm(dram_copy(conv), "cuda:0", torch.bfloat16).eval()
+    assert "fused by transformers after the copy" not in caplog.text
+    for _, module in experts_modules(model):
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and p.shape[0] == module.num_experts:
+                assert p.is_cuda and p.is_contiguous() and p.stride(0) > 0  # real memory, not a stand-in
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert got.tolist() == want.tolist()
