@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -103,7 +104,7 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
         if target.type == "cpu":
             state_dict.update(checkpoint.state_dict(names))
         else:
-            state_dict.update(checkpoint.to_device(target, names, into=fused[1] if fused and target == device
+            state_dict.update(checkpoint.to_device(target, names, into=fused.copies if fused and target == device
                                                    else ()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,7 +120,7 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
     if experts_device.type == "meta":
         # Stand-ins for the fused expert parameters under the model's own names: the right shape and dtype, one
         # element expanded (no memory, nothing for transformers to fuse or copy; the offloading engine drops them).
-        for name, module in experts_modules(fused[2] if fused is not None else meta_model(checkpoint.path, dtype)):
+        for name, module in experts_modules(fused.meta if fused is not None else meta_model(checkpoint.path, dtype)):
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dim() >= 2 and param.shape[0] == module.num_experts:
                     state_dict[f"{name}.{param_name}"] = torch.zeros((), dtype=param.dtype,
@@ -131,7 +132,7 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
     else:
         _move_non_experts(model, device)
     if fused is not None:
-        for (name, module), params in zip(experts_modules(model), fused[0]):
+        for (name, module), params in zip(experts_modules(model), fused.params):
             for param_name, tensor in params.items():
                 setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
     phases["build"] = time.perf_counter() - t
@@ -140,10 +141,15 @@ def load_hf_model_from_shm(checkpoint, device: str | torch.device = "cpu", dtype
     return model
 
 
-def _fused_experts_on(checkpoint, device: torch.device, dtype):
-    """The model's fused expert parameters, allocated (uninitialised) on ``device``, the (shared-memory view,
-    device byte range) copies that fill them, and the meta model they were planned on; None (logged) where
-    :func:`expert_sources` refuses the mapping."""
+class FusedExperts(NamedTuple):
+    params: list[dict[str, torch.Tensor]]  # per experts container: parameter name -> its tensor (uninitialised)
+    copies: list[tuple[torch.Tensor, torch.Tensor]]  # (shared-memory view, byte range of a tensor above)
+    meta: torch.nn.Module  # the meta-device model they were planned on
+
+
+def _fused_experts_on(checkpoint, device: torch.device, dtype) -> FusedExperts | None:
+    """The model's fused expert parameters, allocated (uninitialised) on ``device``, and the copies that fill
+    them; None (logged) where :func:`expert_sources` refuses the mapping."""
     model = meta_model(checkpoint.path, dtype)
     try:
         sources = expert_sources(checkpoint, model)
@@ -161,7 +167,7 @@ def _fused_experts_on(checkpoint, device: torch.device, dtype):
                 start = expert * (flat[name].numel() // module.num_experts) + offset
                 copies.append((view, flat[name][start:start + view.numel()]))
         params.append(real)
-    return params, copies, model
+    return FusedExperts(params, copies, model)
 
 
 # ---- routed experts served from the shared memory (offloading without a second host copy) ------------------------

@@ -426,7 +426,7 @@ def test_fused_expert_copies_fill_transformers_parameters_exactly(converted, dra
         ck = dram_copy(conv)
         planned = _fused_experts_on(ck, torch.device("cpu"), torch.float32)
         assert planned is not None, arch
-        params, copies, _ = planned
+        params, copies = planned.params, planned.copies
         for layer in params:
             for t in layer.values():
                 t.view(-1).view(torch.uint8).fill_(0xAB)
