@@ -363,14 +363,9 @@ def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, mo
     assert calls == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (-m gpu on the GPU machine)")
-@pytest.mark.parametrize("tier", ["shared", "packed"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, tier):
-    """On the GPU, bf16: an offloaded model loaded through a real loader, with the host tier the loader's
-    page-locked shared memory (``shared``: multi-part copies by the cuda-python engine) or a packed pinned copy,
-    generates what the stock model on the GPU generates."""
+def cuda_reference(tmp_path: Path, arch: str):
+    """A tiny bf16 model of ``arch`` (HF folder and converted), a prompt on the GPU, and the stock model's greedy
+    generation of it on the GPU: (converted folder, prompt ids, generated ids incl. the prompt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2, dtype="bfloat16"), tmp_path / f"{arch}-hf")
@@ -379,6 +374,18 @@ def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, 
     ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return conv, ids, want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (-m gpu on the GPU machine)")
+@pytest.mark.parametrize("tier", ["shared", "packed"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, tier):
+    """On the GPU, bf16: an offloaded model loaded through a real loader, with the host tier the loader's
+    page-locked shared memory (``shared``: multi-part copies by the cuda-python engine) or a packed pinned copy,
+    generates what the stock model on the GPU generates."""
+    conv, ids, want = cuda_reference(tmp_path, arch)
     want = want[0, ids.shape[1]:].tolist()
     loader = loaders()
     cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url, "dtype": "bfloat16",
@@ -453,16 +460,9 @@ def test_cuda_load_from_the_dram_copy_fills_fused_experts_directly_and_matches_s
     pipeline itself (transformers fused nothing) and generates what the stock model generates."""
     import logging
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tritonmoe.loader.hf_model import experts_modules, load_hf_model_from_shm
 
-    hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2, dtype="bfloat16"), tmp_path / f"{arch}-hf")
-    conv = convert(hf, tmp_path / arch, progress=False).dest
-    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda").eval()
-    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
-    with torch.no_grad():
-        want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    conv, ids, want = cuda_reference(tmp_path, arch)
     with caplog.at_level(logging.INFO, logger="tritonmoe.loader"):
         model = load_hf_model_from_shm(dram_copy(conv), "cuda:0", torch.bfloat16).eval()
     assert "fused by transformers after the copy" not in caplog.text
