@@ -178,3 +178,31 @@ def test_bench_startup_reports_a_failing_path_and_measures_the_others(tmp_path, 
     assert result["failed"] == {"loader": "GenerateError: HTTP 400: generation failed: injected"}
     assert list(result["paths"]) == ["hf"] and len(result["paths"]["hf"]["runs"]) == 2
     assert len(calls) == 3  # hf, loader (failed), hf: the loader path was not tried again
+
+
+def test_bench_startup_plot_draws_stacked_bars_from_result_files_and_names_a_missing_one(tmp_path):
+    """``--plot`` runs no benchmark: it reads result JSONs (pool path with pool phases, hf with weights) and writes
+    a PNG; a missing result file stops it with the file's name."""
+    import matplotlib.image
+
+    from tritonmoe.tools import bench_startup
+
+    def result(name, date, scale):
+        run = lambda load, phases: {"load_s": load * scale, "first_token_s": 0.1, "total_s": load * scale + 0.1,  # noqa: E731
+                                    "phases": phases}
+        pool = run(1.0, {"pool_claim": 0.01, "gpu_copy": 0.6, "build": 0.1, "worker_load": 0.8})
+        hf = run(10.0, {"tokenizer": 0.01, "weights": 6.0})
+        paths = {"pool": {"median": pool, "best": pool, "runs": [pool, pool]},
+                 "hf": {"median": hf, "best": hf, "runs": [hf]}}
+        f = tmp_path / name
+        f.write_text(json.dumps({"gpu": "NVIDIA H200", "gb": 15.7, "date": date, "paths": paths}))
+        return str(f)
+
+    a, b = result("a.json", "2026-11-30T18:04:09+00:00", 1.5), result("b.json", "2026-11-30T18:37:16+00:00", 1.0)
+    png = tmp_path / "fig" / "startup.png"
+    assert bench_startup.main(["--plot", a, b, "--plot-labels", "x,y", "--plot-path", str(png)]) == 0
+    image = matplotlib.image.imread(png)
+    assert image.shape[1] > 300 and image.shape[0] > 100 and image.std() > 0.01
+
+    with pytest.raises(SystemExit, match="missing.json"):
+        bench_startup.main(["--plot", a, str(tmp_path / "missing.json"), "--plot-path", str(tmp_path / "m.png")])

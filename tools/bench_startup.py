@@ -24,6 +24,9 @@ command, machine and date, a line per load, and a table of the median load (by l
 the backend's own start-up phases (``tritonmoe_startup_seconds``) and ratios against ``hf``; ``--out`` writes JSON.
 
     python -m tritonmoe.tools.bench_startup --device gpu --gb 16 --paths hf,loader,pool --repeat 2 --out b.json
+
+``--plot A.json [B.json ...]`` runs nothing: it draws the median load of each path of each result file as one
+stacked bar (Triton load split into its known phases, then the first token) into ``--plot-path``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def parse_args(argv):
                         "idle at least that long, as it would between bursts in service")
     p.add_argument("--workdir", type=Path, help="where the checkpoints, loader state and logs go (default: temp)")
     p.add_argument("--out", type=Path, help="JSON result file")
+    p.add_argument("--plot", type=Path, nargs="+", metavar="RESULT", help="plot these JSON results; run nothing")
+    p.add_argument("--plot-labels", help="a label per --plot file, comma-separated ('|'-separated if a label has a comma)")
+    p.add_argument("--plot-path", type=Path, default=Path("startup.png"), help="PNG written by --plot")
     a = p.parse_args(argv)
     a.paths = [x for x in a.paths.split(",") if x]
     bad = sorted(set(a.paths) - set(PATHS))
@@ -146,8 +152,68 @@ def wait_pool_warm(socket_path: str, timeout: float = 300) -> float:
     return time.perf_counter() - t0
 
 
+def plot(files: list[Path], labels: str | None, out: Path, target: float = 1.5) -> int:
+    """One horizontal stacked bar per (file, path): the median run's Triton load split into its known phases, then
+    the first token; the total at the bar's end and a dashed line at the ``target``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = labels.split("|" if "|" in (labels or "") else ",") if labels else [f.name for f in files]
+    if len(names) != len(files):
+        raise SystemExit(f"--plot-labels: {len(names)} label(s) for {len(files)} file(s)")
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"--plot: no such result file: {f}")
+    results = [json.loads(f.read_text()) for f in files]
+    colors = {"pool_claim": "#9467bd", "gpu_copy": "#1f77b4", "build": "#2ca02c", "weights": "#17becf",
+              "other": "#c7c7c7", "first token": "#ff7f0e"}
+    bars = []  # (label, [(segment, seconds)], total)
+    for name, r in zip(names, results):
+        for path, p in r["paths"].items():
+            m, ph = p["median"], p["median"].get("phases", {})
+            known = [k for k in ("pool_claim", "gpu_copy", "build") if k in ph] or [k for k in ("weights",) if k in ph]
+            segs = [(k, ph[k]) for k in known]
+            segs += [("other", max(0.0, m["load_s"] - sum(v for _, v in segs))), ("first token", m["first_token_s"])]
+            bars.append((f"{name}\n{path} (median of {len(p['runs'])})", segs, m["total_s"]))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.75 * len(bars)))
+    seen = set()
+    for y, (_, segs, total) in enumerate(bars):
+        left = 0.0
+        for k, v in segs:
+            ax.barh(y, v, left=left, color=colors[k], edgecolor="white", linewidth=0.5,
+                    label=None if k in seen else k)
+            seen.add(k)
+            left += v
+        ax.annotate(f"{total:.2f} s", (left, y), xytext=(5, 0), textcoords="offset points", va="center",
+                    fontsize=9, fontweight="bold", bbox=dict(facecolor="white", edgecolor="none", pad=1))
+    ax.axvline(target, color="red", linestyle="--", linewidth=1)
+    ax.text(target, -0.5, f" target <= {target:g} s", color="red", fontsize=9, va="bottom")
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=9)
+    ax.set_ylim(len(bars) - 0.4, -0.9)
+    ax.set_xlim(0, max(b[2] for b in bars) * 1.12)
+    ax.set_xlabel("seconds from the repository-API load to the first token (linear)")
+    gpus = ", ".join(sorted({r.get("gpu", "?") for r in results}))
+    gbs = ", ".join(sorted({f"{r['gb']:.1f}" for r in results if "gb" in r}))
+    ax.set_title(f"Triton load -> first token on {gpus}, {gbs} GB MoE checkpoint (bf16)", fontsize=11)
+    handles = dict(zip(*ax.get_legend_handles_labels()[::-1]))
+    ax.legend([handles[k] for k in colors if k in handles], [k for k in colors if k in handles], fontsize=8,
+              ncol=len(handles), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ax.grid(axis="x", alpha=0.3)
+    dates = "; ".join(f"{f.name}: {str(r.get('date', '?'))[:16].replace('T', ' ')} UTC" for f, r in zip(files, results))
+    fig.text(0.01, 0.01, dates, fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    print(f"figure: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.plot:
+        return plot(a.plot, a.plot_labels, a.plot_path)
     import torch
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
