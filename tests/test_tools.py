@@ -206,3 +206,66 @@ def test_bench_startup_plot_draws_stacked_bars_from_result_files_and_names_a_mis
 
     with pytest.raises(SystemExit, match="missing.json"):
         bench_startup.main(["--plot", a, str(tmp_path / "missing.json"), "--plot-path", str(tmp_path / "m.png")])
+
+
+def test_docker_entry_point_runs_a_pool_beside_the_server_and_ends_it_with_the_server(tmp_path):
+    """docker/start-triton.sh with TRITONMOE_POOL_PER_DEVICE=1: a real engine pool (CPU) gets warm on the socket
+    while the server runs with the script's arguments; a SIGTERM ends the server and then the pool. Without the
+    variable the script execs the server alone. (The server here is a stand-in that records its arguments: this
+    tests the script, not tritonserver.)"""
+    import signal
+    import time
+
+    from tritonmoe.backend.engine_pool import PoolError, pool_status
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "tritonserver"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" > "$ARGS_FILE"\ntrap "exit 0" TERM\n'
+                    'while true; do sleep 0.1; done\n')
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "docker" / "start-triton.sh"
+    sock = tmp_path / "run" / "pool.sock"
+    env = dict(os.environ, PATH=f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               ARGS_FILE=str(tmp_path / "args"), TRITONMOE_POOL_PER_DEVICE="1", TRITONMOE_POOL_SOCKET=str(sock),
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(["bash", str(script), "--model-repository=/models", "--exit-timeout-secs=10"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 180, None
+        while time.monotonic() < deadline:
+            try:
+                status = pool_status(str(sock))
+                if sum(status["warm"].values()) >= 1:
+                    break
+            except PoolError:
+                pass
+            time.sleep(0.3)
+        assert status and sum(status["warm"].values()) == 1, status
+        assert (tmp_path / "args").read_text().split() == ["--model-repository=/models", "--exit-timeout-secs=10"]
+        workers = [w["pid"] for w in status["workers"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (sock.exists() or any(Path(f"/proc/{p}").exists() for p in workers)):
+            time.sleep(0.2)
+        assert not sock.exists(), "the pool outlived the server"
+        assert not any(Path(f"/proc/{p}").exists() for p in workers), "a warm worker outlived the pool"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # without the variable: the server alone, with the same arguments
+    env.pop("TRITONMOE_POOL_PER_DEVICE")
+    (tmp_path / "args").unlink()
+    alone = subprocess.Popen(["bash", str(script), "--model-repository=/m2"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "args").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "args").read_text().split() == ["--model-repository=/m2"]
+        alone.terminate()
+        assert alone.wait(30) == 0
+    finally:
+        if alone.poll() is None:
+            alone.kill()
