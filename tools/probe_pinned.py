@@ -4,8 +4,9 @@ On the H200 VM a pool worker that page-locked the loader's 15.7 GB DRAM copy (24
 64 MiB, read-only flag, on a copy-on-write mapping of a tmpfs file) copied it at 52 GB/s and then failed its first
 forward (``cublasCreate`` INTERNAL_ERROR, later ``invalid argument``). This probe repeats that registration
 pattern on a tmpfs file of the same size, one variant per child process (a broken context must not spoil the
-next), and after registering checks what the model needed: a cuBLAS GEMM on a fresh thread, a device allocation,
-and a timed copy from the registered memory.
+next), and after registering does what that worker did -- the whole registered copy to a device allocation of the
+same size (timed, one copy per registration) -- then a cuBLAS GEMM and the pool's tiny MoE warm-up forward, each on
+a fresh thread (as the engine thread is), and a synchronise.
 
     python -m tritonmoe.tools.probe_pinned --gb 4,8,16 --variants readonly,default,shared,chunk1g
 
@@ -50,33 +51,49 @@ def child(path: str, nbytes: int, variant: str) -> dict:
     result["register_s"] = round(time.perf_counter() - t, 2)
     checks = {}
 
-    def gemm():
-        try:
-            x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-            checks["gemm_new_thread"] = f"ok {float((x @ x).float().abs().mean()):.3f}"
-        except Exception as e:  # noqa: BLE001 - the probe reports whatever fails
-            checks["gemm_new_thread"] = f"{type(e).__name__}: {str(e)[:200]}"
+    def on_new_thread(name, fn):  # the engine thread is a new thread too: it borrows or creates cuBLAS handles
+        def run():
+            try:
+                checks[name] = fn()
+            except Exception as e:  # noqa: BLE001 - the probe reports whatever fails
+                checks[name] = f"{type(e).__name__}: {str(e)[:200]}"
 
-    th = threading.Thread(target=gemm)
-    th.start()
-    th.join()
-    try:
-        dev = torch.empty(min(nbytes, 4 << 30), dtype=torch.uint8, device="cuda")
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+
+    def gemm():
+        x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        return f"ok {float((x @ x).float().abs().mean()):.3f}"
+
+    def tiny_forward():
+        from tritonmoe.backend.engine_worker import _tiny_forward
+
+        _tiny_forward(torch.device("cuda", torch.cuda.current_device()))
+        return "ok"
+
+    on_new_thread("gemm_new_thread", gemm)
+    dev = None
+    try:  # what the pre-pinned pool worker did: the whole registered copy to the GPU, one copy per registration
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         if "register_error" not in result:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            for off in range(0, dev.numel(), chunk):  # one copy per registration: CUDA refuses a copy across two
+            for off in range(0, nbytes, chunk):  # CUDA refuses a copy across two registrations
                 dev[off:off + chunk].copy_(base[off:off + chunk], non_blocking=True)
             torch.cuda.synchronize()
-            checks["copy_gbps"] = round(dev.numel() / (time.perf_counter() - t) / 1e9, 1)
-        checks["alloc_4g"] = "ok"
+            checks["copy_gbps"] = round(nbytes / (time.perf_counter() - t) / 1e9, 1)
+            checks["copy_bits_equal"] = bool(torch.equal(dev[-(1 << 20):].cpu(), base[-(1 << 20):]))
     except Exception as e:  # noqa: BLE001
         checks["alloc_or_copy"] = f"{type(e).__name__}: {str(e)[:200]}"
+    on_new_thread("gemm_new_thread_after_copy", gemm)
+    on_new_thread("tiny_moe_forward_after_copy", tiny_forward)
     try:
         torch.cuda.synchronize()
         checks["sync"] = "ok"
     except Exception as e:  # noqa: BLE001
         checks["sync"] = f"{type(e).__name__}: {str(e)[:200]}"
+    del dev
     result.update(checks)
     return result
 
