@@ -54,7 +54,8 @@ class Manager:
         self.m_instances = Gauge("tritonmoe_router_instances", "Ready instances", ["model"], registry=r)
         self.m_placement = Counter("tritonmoe_router_placement_decisions",
                                    "Cold starts where a busy host had the better locality: migrate its streams "
-                                   "away and start there, or start on a free host", ["decision"], registry=r)
+                                   "away and start there, wait for them to end, or start on a free host",
+                                   ["decision"], registry=r)
         self.m_placement_moves = Counter("tritonmoe_router_placement_migrations",
                                          "Streams migrated to free a host for another model", registry=r)
         self.m_adopted = Counter("tritonmoe_router_adopted_instances",
@@ -178,6 +179,7 @@ class Manager:
         tried: set[str] = set(exclude)
         deadline = time.monotonic() + self.cfg.load_timeout_s
         attempts = 0
+        waiting = False  # decided to wait for the best host's streams to end (logged once per wait)
         while attempts < len(self.hosts):
             cands = self.candidates(spec, tried)
             choice = self.policy.choose(spec, cands, self.loaded_count(model)) if cands else None
@@ -185,7 +187,13 @@ class Manager:
             if allow_migration and self.cfg.placement_migration and self.policy.name == "locality" \
                     and (choice is None or choice.tier not in ("gpu", "loading")):
                 plan = self._plan_migration(spec, tried, choice)
-                if plan is not None and not self._decide(spec, plan, choice):
+                decision = None if plan is None else self._decide(spec, plan, choice, quiet_wait=waiting)
+                if decision == "wait" and time.monotonic() < deadline:
+                    waiting = True
+                    await asyncio.sleep(0.1)  # re-planned each round: once the streams end, the host is a candidate
+                    continue
+                waiting = False
+                if decision != "migrate":
                     plan = None
             if choice is None and plan is None:
                 if self._full_but_healthy(spec, tried) and time.monotonic() < deadline:
@@ -240,12 +248,30 @@ class Manager:
                 continue  # its locality is no better than the free host's: nothing to gain
             need = len(h.resident()) - h.cfg.max_models + 1
             moves = sorted(filter(None, (self._move_for(i) for i in h.resident())), key=lambda m: m.cost_s)
-            if len(moves) < need:
+            waits = sorted(w for w in (self._wait_for(i) for i in h.resident()) if w is not None)
+            if len(moves) < need and len(waits) < need:
                 continue
-            plan = MigrationPlan(h, tier, load_s, moves[:need])
-            if best is None or plan.total_s < best.total_s:
+            plan = MigrationPlan(h, tier, load_s, moves[:need] if len(moves) >= need else [],
+                                 waits[need - 1] if len(waits) >= need else None)
+            if best is None or plan.best_s < best.best_s:
                 best = plan
         return best
+
+    def _wait_for(self, inst: Instance) -> float | None:
+        """Seconds until every stream on ``inst`` has ended (each one's remaining tokens at its own rate so far),
+        after which the instance is idle and can be evicted; None when that cannot be estimated (a stream with
+        fewer than two tokens, a request still being placed) or an idle ``inst`` would not be evicted (the
+        model's min_instances)."""
+        ispec = self.specs.get(inst.model)
+        if ispec is None or inst.state != "ready" or inst.inflight == 0:
+            return None
+        sessions = [s for s in self.sessions.values() if s.source_instance() is inst]
+        if len(sessions) != inst.inflight:
+            return None
+        if sum(1 for h in self.hosts if h.ready_instance(inst.model)) <= ispec.min_instances:
+            return None
+        remaining = [s.remaining_s() for s in sessions]
+        return None if any(r is None for r in remaining) else max(remaining)
 
     def _move_for(self, inst: Instance) -> Move | None:
         """How the streams on ``inst`` would move elsewhere, and what that costs; None if they cannot all move
@@ -267,13 +293,25 @@ class Manager:
         tokens = max(s.num_input_tokens + len(s.tokens) for s in sessions)
         return Move(inst, dest, sessions, tokens, dest.startup_s + dest.host.estimate_recompute_s(tokens))
 
-    def _decide(self, spec: ModelSpec, plan: MigrationPlan, baseline: Candidate | None) -> bool:
-        """Migrate when that starts the model sooner than the policy's cold start elsewhere (or when no host has
-        room at all). Logged with its estimates, counted, kept for /admin/hosts."""
-        migrate = baseline is None or plan.total_s < baseline.startup_s
-        entry = {"time": round(time.time(), 3), "model": spec.name, "decision": "migrate" if migrate else "start_elsewhere",
+    def _decide(self, spec: ModelSpec, plan: MigrationPlan, baseline: Candidate | None,
+                quiet_wait: bool = False) -> str:
+        """``migrate``, ``wait`` (for the best host's streams to end) or ``start_elsewhere`` (the policy's cold
+        start on a free host), whichever is estimated to start the model soonest; with no free host, the sooner of
+        migrating and waiting. Logged with its estimates, counted, kept for /admin/hosts (a "wait" again while
+        already waiting, ``quiet_wait``, is not: the acquire loop re-plans every 0.1 s)."""
+        options = {"migrate": plan.total_s, "wait": plan.wait_total_s}
+        if baseline is not None:
+            options["start_elsewhere"] = baseline.startup_s
+        decision = min(options, key=lambda k: (options[k], k != "migrate"))  # a tie: migrate, as before
+        if quiet_wait and decision == "wait":
+            return decision
+        inf = float("inf")
+        entry = {"time": round(time.time(), 3), "model": spec.name, "decision": decision,
                  "best_host": plan.host.name, "best_tier": plan.tier, "best_load_s": round(plan.load_s, 3),
-                 "migration_s": round(plan.migration_s, 3), "migrate_total_s": round(plan.total_s, 3),
+                 "migration_s": round(plan.migration_s, 3) if plan.moves else None,
+                 "migrate_total_s": round(plan.total_s, 3) if plan.moves else None,
+                 "wait_s": None if plan.wait_s is None else round(plan.wait_s, 3),
+                 "wait_total_s": round(plan.wait_total_s, 3) if plan.wait_total_s < inf else None,
                  "moves": [{"model": m.inst.model, "from": m.inst.host.name, "to": m.dest.host.name,
                             "to_tier": m.dest.tier, "streams": len(m.sessions), "tokens": m.tokens,
                             "cost_s": round(m.cost_s, 3)} for m in plan.moves],
@@ -286,10 +324,12 @@ class Manager:
                           f"{m['tokens']} tokens, est. {m['cost_s']:.2f}s)" for m in entry["moves"])
         alt = (f"start on {baseline.host.name} from {baseline.tier}: est. {baseline.startup_s:.2f}s" if baseline
                else "no host has room")
-        log.info("placement of %s: %s | migrate %s, then load on %s from %s (est. %.2fs): est. %.2fs | %s",
-                 spec.name, entry["decision"].upper(), moves, plan.host.name, plan.tier, plan.load_s, plan.total_s,
-                 alt)
-        return migrate
+        wait = (f"wait {plan.wait_s:.2f}s for its streams to end: est. {plan.wait_total_s:.2f}s"
+                if plan.wait_s is not None else "waiting: no estimate")
+        log.info("placement of %s: %s | migrate %s, then load on %s from %s (est. %.2fs): est. %.2fs | %s | %s",
+                 spec.name, decision.upper(), moves or "(cannot)", plan.host.name, plan.tier, plan.load_s,
+                 plan.total_s, wait, alt)
+        return decision
 
     def _start_after_migration(self, spec: ModelSpec, plan: MigrationPlan) -> Instance:
         """A loading instance on the plan's host, joinable at once; it loads once the streams have moved."""

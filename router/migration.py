@@ -88,6 +88,7 @@ class StreamSession:
         self.migration_log: list[dict] = []
         self.scheduled: list[tuple[int, str | None]] = []  # (token position, target) of planned migrations
         self.done = False  # the stream ended: a migration asked for now fails instead of waiting forever
+        self.first_token_at: float | None = None  # monotonic time the first token reached the router
 
     # ---- upstream tasks ----------------------------------------------------------------------------------------
     async def _open(self, exclude: set[str] = frozenset(), host: str | None = None, migration: bool = False):
@@ -144,6 +145,15 @@ class StreamSession:
             return None
         up = next(iter(self.upstreams.values()))
         return None if up.migration else up.inst
+
+    def remaining_s(self) -> float | None:
+        """Seconds until this stream reaches its max_tokens at the token rate it has shown so far (None before its
+        second token). An upper bound: an end-of-sequence token or a stop string can end it sooner."""
+        n = len(self.tokens)
+        if self.first_token_at is None or n < 2 or self.done:
+            return None if not self.done else 0.0
+        rate = (n - 1) / max(time.monotonic() - self.first_token_at, 1e-6)
+        return max(int(self.sampling.get("max_tokens", n)) - n, 0) / rate
 
     def migratable(self) -> bool:
         return bool(self.tokens) and self.source_instance() is not None and not self.scheduled
@@ -228,6 +238,8 @@ class StreamSession:
         new_ids = chunk.token_ids[len(self.tokens) - before_t:] if up.tokens_end > len(self.tokens) else []
         new_text = chunk.text[self.chars - before_c:] if up.chars_end > self.chars else ""
         leader = up.tokens_end >= len(self.tokens)
+        if new_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.tokens.extend(new_ids)
         self.chars += len(new_text)
         finish = chunk.finish_reason if (chunk.final and leader) else ""

@@ -11,7 +11,8 @@ load balancer without model locality would.
 With ``placement_migration`` (locality only; the manager's ``_plan_migration``), a host that is full of busy
 models is a candidate too: its start-up is the cost of migrating the running streams elsewhere (the destination's
 start-up + recomputing each stream's tokens there) + loading the model from that host's tier, compared with the
-policy's cold start on a free host (``MigrationPlan``, ``Move``).
+policy's cold start on a free host (``MigrationPlan``, ``Move``) -- and with waiting for that host's streams to end
+(each stream's remaining tokens at its observed token rate), whichever is soonest.
 """
 
 from __future__ import annotations
@@ -50,19 +51,29 @@ class Move:
 
 @dataclass
 class MigrationPlan:
-    """Start a model on ``host`` (the best locality) after migrating ``moves`` away (ServerlessLLM section 5)."""
+    """Start a model on ``host`` (the best locality) after migrating ``moves`` away (ServerlessLLM section 5), or
+    after waiting ``wait_s`` for enough of its running streams to end (ServerlessLLM's other option)."""
     host: Host
     tier: str           # where the model's checkpoint is on ``host``
     load_s: float       # estimated load there (with the host's load queue)
-    moves: list[Move]
+    moves: list[Move]   # empty: the streams there cannot all move, only waiting is possible
+    wait_s: float | None = None  # until enough instances there are idle (their streams' estimated ends); None: unknown
 
     @property
     def migration_s(self) -> float:
-        return max(m.cost_s for m in self.moves)  # the moves run in parallel
+        return max(m.cost_s for m in self.moves) if self.moves else float("inf")  # the moves run in parallel
 
     @property
     def total_s(self) -> float:
         return self.migration_s + self.load_s
+
+    @property
+    def wait_total_s(self) -> float:
+        return float("inf") if self.wait_s is None else self.wait_s + self.load_s
+
+    @property
+    def best_s(self) -> float:
+        return min(self.total_s, self.wait_total_s)
 
 
 class Policy:

@@ -3,6 +3,7 @@ updates from observed loads, the stream merge that makes failover and migration 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -136,11 +137,32 @@ def test_merge_forwards_each_position_once_and_checks_overlap():
     assert s._merge(bad, Chunk([5, 99], "ax", "", 3, 2, False)) is None and 3 not in s.upstreams
 
 
+def test_a_streams_remaining_time_is_its_tokens_left_at_its_own_rate():
+    s, hosts = _session()
+    s.sampling["max_tokens"] = 31
+    assert s.remaining_s() is None  # no token yet
+    src = _Upstream(1, Instance("m", hosts[0]), 0, 0)
+    s.upstreams[1] = src
+    s._merge(src, Chunk([5], "a", "", 3, 1, False))
+    assert s.first_token_at is not None and s.remaining_s() is None  # one token: no rate yet
+    s.tokens = list(range(11))
+    s.first_token_at = time.monotonic() - 1.0  # 10 tokens after the first in 1 s: 20 left take ~2 s
+    assert s.remaining_s() == pytest.approx(2.0, rel=0.05)
+    s.tokens = list(range(31))
+    assert s.remaining_s() == 0.0  # at max_tokens
+    s.done = True
+    assert s.remaining_s() == 0.0
+
+
 class _Running:
     """What placement sees of a running request: the instance it runs on and its tokens."""
 
-    def __init__(self, inst, tokens, prompt_tokens=8):
+    def __init__(self, inst, tokens, prompt_tokens=8, remaining=None):
         self.inst, self.tokens, self.num_input_tokens, self.id = inst, list(range(tokens)), prompt_tokens, "r"
+        self.remaining = remaining
+
+    def remaining_s(self):
+        return self.remaining
 
     def source_instance(self):
         return self.inst
@@ -176,7 +198,7 @@ def test_placement_migration_is_chosen_when_cheaper_than_starting_elsewhere():
     assert plan.moves[0].dest.tier == "gpu" and plan.moves[0].tokens == 108
     assert plan.migration_s == pytest.approx(m.hosts[1].estimate_recompute_s(108))
     assert plan.total_s == pytest.approx(plan.migration_s + m.hosts[0].estimate_load_s("disk", 10**9))
-    assert m._decide(spec, plan, choice) is True
+    assert m._decide(spec, plan, choice) == "migrate"
     assert m.placement_log[-1]["decision"] == "migrate" and m.placement_log[-1]["alternative_host"] == "h1"
 
 
@@ -185,7 +207,7 @@ def test_placement_migration_is_declined_when_starting_elsewhere_is_cheaper():
     m, spec, choice = _blocked_best_host(0.99e9)
     plan = m._plan_migration(spec, set(), choice)
     assert plan is not None and plan.load_s < choice.startup_s < plan.total_s
-    assert m._decide(spec, plan, choice) is False and m.placement_log[-1]["decision"] == "start_elsewhere"
+    assert m._decide(spec, plan, choice) == "start_elsewhere" and m.placement_log[-1]["decision"] == "start_elsewhere"
     # no better locality at all: no plan
     m, spec, choice = _blocked_best_host(2e9)
     assert m._plan_migration(spec, set(), choice) is None
@@ -195,6 +217,68 @@ def test_placement_migration_is_declined_when_starting_elsewhere_is_cheaper():
     assert m._plan_migration(spec, set(), choice) is None
     m, spec, choice = _blocked_best_host(5e7, busy_min_instances=2)
     assert m._plan_migration(spec, set(), choice) is None
+
+
+def test_placement_waits_for_streams_about_to_end_when_that_is_soonest():
+    """ServerlessLLM's third option: when the best host's streams will end sooner than moving them (and sooner
+    than a cold start on a free host), wait for them; a stream far from its end is migrated; one whose end cannot
+    be estimated is not waited for."""
+    m, spec, choice = _blocked_best_host(5e7)  # h1 reads 'new' in 20 s; h0 in 1 s once it has room
+    m.sessions["r"].remaining = 0.05
+    plan = m._plan_migration(spec, set(), choice)
+    assert plan.wait_s == pytest.approx(0.05) and plan.wait_total_s == pytest.approx(0.05 + plan.load_s)
+    assert plan.wait_total_s < plan.total_s < choice.startup_s
+    assert m._decide(spec, plan, choice) == "wait"
+    entry = m.placement_log[-1]
+    assert entry["decision"] == "wait" and entry["wait_s"] == pytest.approx(0.05)
+    assert m._decide(spec, plan, choice, quiet_wait=True) == "wait" and len(m.placement_log) == 1  # not again
+    m.sessions["r"].remaining = 30.0  # far from its end: moving it is sooner
+    plan = m._plan_migration(spec, set(), choice)
+    assert m._decide(spec, plan, choice) == "migrate"
+    m.sessions["r"].remaining = None  # fewer than two tokens so far: no estimate, no waiting
+    assert m._plan_migration(spec, set(), choice).wait_s is None
+    # a stream that cannot move can still be waited for, when that beats the free host...
+    m, spec, choice = _blocked_best_host(5e7)
+    m.sessions["r"].tokens, m.sessions["r"].remaining = [], 0.5
+    plan = m._plan_migration(spec, set(), choice)
+    assert plan.moves == [] and plan.total_s == float("inf") and m._decide(spec, plan, choice) == "wait"
+    m.sessions["r"].remaining = 100.0  # ... and not when it does not
+    assert m._decide(spec, m._plan_migration(spec, set(), choice), choice) == "start_elsewhere"
+    # an instance the model's min_instances keeps loaded is never freed by waiting
+    m, spec, choice = _blocked_best_host(5e7, busy_min_instances=2)
+    m.sessions["r"].remaining = 0.05
+    assert m._plan_migration(spec, set(), choice) is None
+
+
+def test_acquire_waits_for_the_best_hosts_stream_to_end_then_loads_there():
+    """The acquire loop re-plans while it waits: once the stream on h0 ends (its instance goes idle and can be
+    evicted), the model starts on h0 from its fast tier, not on h1 with the slow disk; the wait is logged once."""
+    m, spec, choice = _blocked_best_host(5e7)
+    m.sessions["r"].remaining = 0.01  # (a stand-in: its estimate does not shrink, so the router waits until it ends)
+    assert m._plan_migration(spec, set(), choice).migration_s > 0.01  # waiting beats moving it
+    busy = m.hosts[0].instances["busy"]
+
+    async def loaded(host, spec, inst, tier):  # stands in for Triton's load (and the eviction it would do)
+        if len(host.resident()) > host.cfg.max_models:
+            victim = m._evictable(host)
+            del host.instances[victim.model]
+        inst.state, inst.loaded_at = "ready", 1.0
+        inst.ready.set()
+
+    m._load = loaded
+
+    async def scenario():
+        task = asyncio.ensure_future(m.acquire("new"))
+        await asyncio.sleep(0.35)
+        assert not task.done()  # still waiting for the stream
+        busy.inflight = 0  # the stream ends
+        del m.sessions["r"]
+        return await asyncio.wait_for(task, 5)
+
+    inst = asyncio.run(scenario())
+    assert inst.host.name == "h0" and inst.state == "ready"
+    assert [e["decision"] for e in m.placement_log] == ["wait"]
+    assert "busy" not in m.hosts[0].instances  # evicted to make room
 
 
 def test_recompute_estimate_learns_from_migrations():
