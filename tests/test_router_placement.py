@@ -4,11 +4,14 @@
   of another model: the router estimates starting it on the free host (its disk, by that host's bandwidth) against
   migrating the stream away and loading from DRAM, migrates, and starts the model there. The migrated stream equals
   the unmigrated one (greedy) token for token.
+- The same, but with moving the stream made expensive: the router waits for the stream to end (its estimated
+  remaining time), then starts the model there; the stream is never migrated.
 - A router started over servers that already have its models loaded adopts them: no reload, keep-alive applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,8 +70,12 @@ def read_stream(url: str, model: str, prompt: str, params: dict, opened=None, fi
     return ids, "".join(text), rid["id"]
 
 
-def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoint_is_in_dram(
-        servers, tiny, reference, tmp_path):
+@contextlib.contextmanager
+def busy_h0(servers, tiny, tmp_path):
+    """Two hosts with their own loaders: 'new' must start, and h0 (room for one model) holds its checkpoint in
+    DRAM while h1 (room for two) would read it from a disk it states as slow (a minute). 'busy' is loaded on both,
+    and a reference greedy stream of it has run. Yields (router thread, url, the busy stream's params, reference
+    ids, reference text); unloads everything and stops the loaders afterwards."""
     from tritonmoe.loader.client import LoaderClient
     from tritonmoe.loader.convert import convert
     from tritonmoe.tools.serve import spawn_loader
@@ -105,56 +112,9 @@ def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoi
                                          "max_instances": 2})
             params = {"max_tokens": 480, "ignore_eos": True}
             base_ids, base_text, _ = read_stream(url, "busy", PROMPTS[3], params)
-
             # both instances idle again (the reference stream's release), so locality puts the next one on h0
             wait_for(lambda: all(h.instances["busy"].inflight == 0 for h in router.router.hosts), 10, "idle 'busy'")
-            first, where, result = threading.Event(), {}, {}
-
-            def opened(rid):
-                where["rid"] = rid
-
-            def run_busy():
-                result["busy"] = read_stream(url, "busy", PROMPTS[3], params, opened, first)
-
-            t = threading.Thread(target=run_busy)
-            t.start()
-            assert first.wait(60), "the stream of 'busy' did not start"
-            running = {r["id"]: r for r in call(url + "/admin/requests")["requests"]}
-            assert running[where["rid"]]["hosts"] == ["h0"], running  # locality: the first of two idle instances
-            t0 = time.monotonic()
-            r = call(url + "/v2/models/new/generate", {"text_input": PROMPTS[0], "exclude_input_in_output": True,
-                                                       "parameters": {"max_tokens": 6}})
-            new_s = time.monotonic() - t0
-            t.join(120)
-            ids, text, rid = result["busy"]
-            assert ids == base_ids and text == base_text      # no gap, duplicate or lost token
-            ref = reference(tiny("mixtral"), PROMPTS[3], 480)[0]
-            assert ids[:len(ref)] == ref
-            info = next(x for x in call(url + "/admin/requests")["finished"] if x["id"] == rid)
-            # (a busy destination may take more than one recompute round: h1 then appears once per round)
-            assert info["migrations"] == 1 and info["hosts_used"][0] == "h0" and set(info["hosts_used"]) == \
-                {"h0", "h1"} and info["handover_at"], info
-            assert r["output_token_ids"] == reference(tiny("qwen3_moe"), PROMPTS[0], 6)[0]
-
-            # 'new' started on h0 (from its DRAM cache), 'busy' left h0 to make room and carried on on h1
-            assert [h.name for h in router.router.hosts if h.ready_instance("new")] == ["h0"]
-            assert server_models(servers[0]) == {"new"} and "busy" in server_models(servers[1])
-            admin = call(url + "/admin/hosts")
-            decisions = admin["placement_decisions"]
-            assert [d["decision"] for d in decisions] == ["migrate"], decisions
-            d = decisions[0]
-            assert (d["best_host"], d["best_tier"], d["alternative_host"], d["alternative_tier"]) == \
-                ("h0", "dram", "h1", "disk"), d
-            assert d["moves"][0]["from"] == "h0" and d["moves"][0]["to"] == "h1" and d["moves"][0]["to_tier"] == "gpu"
-            assert d["migrate_total_s"] < d["alternative_s"]
-            assert [(c["model"], c["host"], c["tier"]) for c in admin["cold_starts"] if c["model"] == "new"] == \
-                [("new", "h0", "dram")]
-            assert metric(url, 'tritonmoe_router_placement_decisions_total{decision="migrate"}') == 1
-            assert metric(url, "tritonmoe_router_placement_migrations_total") == 1
-            assert admin["hosts"][1]["recompute_model"]["migrations_observed"] >= 1
-            print(f"\nplacement migration (measured, not asserted): 'new' answered in {new_s:.2f}s; decision "
-                  f"{json.dumps(d)}; cold start {admin['cold_starts'][-1]}; migrated stream: longest pause "
-                  f"{info['max_gap_s']}s, {info['migration_log']}")
+            yield router, url, params, base_ids, base_text
             call(url + "/admin/models/new", method="DELETE")
             call(url + "/admin/models/busy", method="DELETE")
             wait_for(lambda: not server_models(servers[0]) and not server_models(servers[1]), 60, "unloads")
@@ -166,6 +126,94 @@ def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoi
             except subprocess.TimeoutExpired:
                 proc.kill()
             shutil.rmtree(proc.shm_dir, ignore_errors=True)
+
+
+def start_busy_stream(url: str, params: dict):
+    """A stream of 'busy' in a thread, once its first token has arrived: (thread, {'rid'}, {'busy': result})."""
+    first, where, result = threading.Event(), {}, {}
+
+    def opened(rid):
+        where["rid"] = rid
+
+    def run_busy():
+        result["busy"] = read_stream(url, "busy", PROMPTS[3], params, opened, first)
+
+    t = threading.Thread(target=run_busy)
+    t.start()
+    assert first.wait(60), "the stream of 'busy' did not start"
+    running = {r["id"]: r for r in call(url + "/admin/requests")["requests"]}
+    assert running[where["rid"]]["hosts"] == ["h0"], running  # locality: the first of two idle instances
+    return t, where, result
+
+
+def test_placement_migrates_a_running_stream_to_start_a_model_where_its_checkpoint_is_in_dram(
+        servers, tiny, reference, tmp_path):
+    with busy_h0(servers, tiny, tmp_path) as (router, url, params, base_ids, base_text):
+        t, where, result = start_busy_stream(url, params)  # ~470 tokens to go: moving it beats waiting
+        t0 = time.monotonic()
+        r = call(url + "/v2/models/new/generate", {"text_input": PROMPTS[0], "exclude_input_in_output": True,
+                                                   "parameters": {"max_tokens": 6}})
+        new_s = time.monotonic() - t0
+        t.join(120)
+        ids, text, rid = result["busy"]
+        assert ids == base_ids and text == base_text      # no gap, duplicate or lost token
+        ref = reference(tiny("mixtral"), PROMPTS[3], 480)[0]
+        assert ids[:len(ref)] == ref
+        info = next(x for x in call(url + "/admin/requests")["finished"] if x["id"] == rid)
+        # (a busy destination may take more than one recompute round: h1 then appears once per round)
+        assert info["migrations"] == 1 and info["hosts_used"][0] == "h0" and set(info["hosts_used"]) == \
+            {"h0", "h1"} and info["handover_at"], info
+        assert r["output_token_ids"] == reference(tiny("qwen3_moe"), PROMPTS[0], 6)[0]
+
+        # 'new' started on h0 (from its DRAM cache), 'busy' left h0 to make room and carried on on h1
+        assert [h.name for h in router.router.hosts if h.ready_instance("new")] == ["h0"]
+        assert server_models(servers[0]) == {"new"} and "busy" in server_models(servers[1])
+        admin = call(url + "/admin/hosts")
+        decisions = admin["placement_decisions"]
+        assert [d["decision"] for d in decisions] == ["migrate"], decisions
+        d = decisions[0]
+        assert (d["best_host"], d["best_tier"], d["alternative_host"], d["alternative_tier"]) == \
+            ("h0", "dram", "h1", "disk"), d
+        assert d["moves"][0]["from"] == "h0" and d["moves"][0]["to"] == "h1" and d["moves"][0]["to_tier"] == "gpu"
+        assert d["migrate_total_s"] < d["alternative_s"] and d["migrate_total_s"] < (d["wait_total_s"] or 1e9)
+        assert [(c["model"], c["host"], c["tier"]) for c in admin["cold_starts"] if c["model"] == "new"] == \
+            [("new", "h0", "dram")]
+        assert metric(url, 'tritonmoe_router_placement_decisions_total{decision="migrate"}') == 1
+        assert metric(url, "tritonmoe_router_placement_migrations_total") == 1
+        assert admin["hosts"][1]["recompute_model"]["migrations_observed"] >= 1
+        print(f"\nplacement migration (measured, not asserted): 'new' answered in {new_s:.2f}s; decision "
+              f"{json.dumps(d)}; cold start {admin['cold_starts'][-1]}; migrated stream: longest pause "
+              f"{info['max_gap_s']}s, {info['migration_log']}")
+
+
+def test_placement_waits_for_a_stream_near_its_end_instead_of_migrating_it(servers, tiny, reference, tmp_path):
+    """The same cluster, but moving the stream is made expensive (h1's recompute estimate set to a minute): the
+    router waits for the stream on h0 to end (its remaining tokens at its rate, seconds here), then starts 'new'
+    on h0 from DRAM; the stream is never migrated and equals the reference."""
+    with busy_h0(servers, tiny, tmp_path) as (router, url, params, base_ids, base_text):
+        for h in router.router.hosts:
+            h.recompute_overhead_s = 60.0
+        t, where, result = start_busy_stream(url, params)
+        time.sleep(0.5)  # a few tokens more: the stream's rate is known
+        r = call(url + "/v2/models/new/generate", {"text_input": PROMPTS[0], "exclude_input_in_output": True,
+                                                   "parameters": {"max_tokens": 6}})
+        t.join(120)
+        ids, text, rid = result["busy"]
+        assert ids == base_ids and text == base_text
+        info = next(x for x in call(url + "/admin/requests")["finished"] if x["id"] == rid)
+        assert info["migrations"] == 0 and info["hosts_used"] == ["h0"], info
+        assert r["output_token_ids"] == reference(tiny("qwen3_moe"), PROMPTS[0], 6)[0]
+        assert [h.name for h in router.router.hosts if h.ready_instance("new")] == ["h0"]
+        admin = call(url + "/admin/hosts")
+        decisions = admin["placement_decisions"]
+        assert [d["decision"] for d in decisions] == ["wait"], decisions  # logged once for the whole wait
+        d = decisions[0]
+        assert d["best_host"] == "h0" and d["wait_total_s"] < d["alternative_s"] and d["wait_total_s"] < \
+            d["migrate_total_s"], d
+        assert [(c["model"], c["host"], c["tier"]) for c in admin["cold_starts"] if c["model"] == "new"] == \
+            [("new", "h0", "dram")]
+        assert metric(url, 'tritonmoe_router_placement_decisions_total{decision="wait"}') == 1
+        assert metric(url, "tritonmoe_router_placement_migrations_total") == 0
 
 
 def load_count(server, model: str) -> int:
