@@ -302,7 +302,8 @@ class Manager:
         options = {"migrate": plan.total_s, "wait": plan.wait_total_s}
         if baseline is not None:
             options["start_elsewhere"] = baseline.startup_s
-        decision = min(options, key=lambda k: (options[k], k != "migrate"))  # a tie: migrate, as before
+        tie_order = ("migrate", "start_elsewhere", "wait")  # a tie: migrate, as before the wait option; never wait
+        decision = min(options, key=lambda k: (options[k], tie_order.index(k)))
         if quiet_wait and decision == "wait":
             return decision
         inf = float("inf")
