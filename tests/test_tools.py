@@ -171,6 +171,10 @@ def test_bench_startup_reports_a_failing_path_and_measures_the_others(tmp_path, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench_startup, "generate", generate_failing_once)
+    kernels = tmp_path / "torch-kernels"
+    (kernels / "sub").mkdir(parents=True)
+    (kernels / "sub" / "k1.cubin").write_bytes(b"x")
+    monkeypatch.setenv("PYTORCH_KERNEL_CACHE_PATH", str(kernels))  # (the servers' stubs inherit it too)
     out = tmp_path / "startup.json"
     assert bench_startup.main(["--gb", "0.3", "--paths", "hf,loader", "--repeat", "2", "--no-warmup",
                                "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -178,6 +182,8 @@ def test_bench_startup_reports_a_failing_path_and_measures_the_others(tmp_path, 
     assert result["failed"] == {"loader": "GenerateError: HTTP 400: generation failed: injected"}
     assert list(result["paths"]) == ["hf"] and len(result["paths"]["hf"]["runs"]) == 2
     assert len(calls) == 3  # hf, loader (failed), hf: the loader path was not tried again
+    cache = result["torch_kernel_cache"]  # recorded before and after, where torch would look
+    assert cache["before"] == {"path": str(kernels), "files": 1} and cache["after"]["files"] >= 1
 
 
 def test_bench_startup_plot_draws_stacked_bars_from_result_files_and_names_a_missing_one(tmp_path):

@@ -119,6 +119,15 @@ def startup_phases(server: TritonServer) -> dict[str, float]:
 FIRST_STEP = re.compile(r"first engine step of this model: ([0-9.]+)s")
 
 
+def torch_kernel_cache() -> dict:
+    """Where torch keeps the kernels it compiles at run time, and how many it holds: a fresh machine starts with
+    none, and the first pooled load there is slower (docs/loader.md), which this lets a run relate to the cache."""
+    folder = Path(os.environ.get("PYTORCH_KERNEL_CACHE_PATH")
+                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch" / "kernels")
+    files = sum(1 for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    return {"path": str(folder), "files": files}
+
+
 def first_steps(log: Path) -> list[float]:
     """Every "first engine step" an engine host logged to ``log`` (Triton's log for the stub, the pool's log for
     its workers): the first forward's own time, to tell from the first token's time around it."""
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"command: python -m tritonmoe.tools.bench_startup {shlex.join(argv if argv is not None else sys.argv[1:])}")
     say(f"date:    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, GPU {gpu}")
+    kernels_before = torch_kernel_cache()
+    say(f"torch kernel cache: {kernels_before['path']} ({kernels_before['files']} files)")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-startup-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -356,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             loader.wait(30)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)
+    result["torch_kernel_cache"] = {"before": kernels_before, "after": torch_kernel_cache()}
+    say(f"torch kernel cache after the run: {result['torch_kernel_cache']['after']['files']} files")
     say("")
     say(f"median of {a.repeat} load(s) per path" + ("" if a.no_warmup else f", after a warm-up load ({a.paths[0]})")
         + ("; Triton auto-completes each config" if a.auto_complete_config else
