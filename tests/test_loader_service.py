@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,12 +27,7 @@ from tritonmoe.loader.format import INDEX_FILE, partition_file_name, read_index
 from tritonmoe.loader.hf_model import load_hf_model_from_shm
 from tritonmoe.tools.bench_loader import make_checkpoint
 from tritonmoe.tools.tiny_models import TinySpec, build
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tritonmoe.tools.tritonserver import free_port
 
 
 class Loader:

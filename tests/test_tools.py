@@ -275,3 +275,31 @@ def test_docker_entry_point_runs_a_pool_beside_the_server_and_ends_it_with_the_s
     finally:
         if alone.poll() is None:
             alone.kill()
+
+
+def test_free_port_never_hands_out_the_same_port_twice(monkeypatch):
+    """The OS may return the same ephemeral port to two binds in a row; one server's HTTP and gRPC ports must still
+    differ (tritonserver refuses equal ports with its usage text, a flake seen in CI)."""
+    from tritonmoe.tools import tritonserver
+
+    offered = iter([50001, 50001, 50001, 50002, 50003])
+
+    class FakeSocket:
+        def __init__(self, *args):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(tritonserver, "_GIVEN_PORTS", set())
+    monkeypatch.setattr(tritonserver.socket, "socket", FakeSocket)
+    assert [tritonserver.free_port(), tritonserver.free_port(), tritonserver.free_port()] == [50001, 50002, 50003]

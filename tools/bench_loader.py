@@ -552,13 +552,11 @@ def start_service(root: Path, shm_dir: Path, dram_budget, extra: list[str], log=
     """A loader service with ``extra`` flags on a free loopback port, output to ``log`` (a file, DEVNULL, or None:
     this process's): (process, client), once it answers (or after a minute: the caller's first request then fails
     with the reason)."""
-    import socket
-
     from tritonmoe.loader.client import LoaderClient, LoaderError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tritonmoe.tools.tritonserver import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tritonmoe.loader.service", "--root", str(root), "--dram-budget",
                              str(dram_budget), "--disk-budget", "1GiB", "--port", str(port), "--shm-dir", str(shm_dir),
                              *extra], stdout=log, stderr=subprocess.STDOUT if log is not None else None)

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import sysconfig
@@ -84,10 +85,23 @@ def server_env(base: dict | None = None) -> dict:
     return env
 
 
+_GIVEN_PORTS: set[int] = set()  # every port free_port handed out in this process
+_GIVEN_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port the OS calls free now, never one this process was given before: the OS can hand the same ephemeral
+    port to two calls in a row (one server's HTTP and gRPC ports, which tritonserver refuses with its usage text),
+    and a port given out may not be bound yet."""
+    with _GIVEN_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _GIVEN_PORTS:
+                _GIVEN_PORTS.add(port)
+                return port
+    raise OSError(f"no free port on {host} that this process has not handed out already")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
