@@ -303,3 +303,20 @@ def test_free_port_never_hands_out_the_same_port_twice(monkeypatch):
     monkeypatch.setattr(tritonserver, "_GIVEN_PORTS", set())
     monkeypatch.setattr(tritonserver.socket, "socket", FakeSocket)
     assert [tritonserver.free_port(), tritonserver.free_port(), tritonserver.free_port()] == [50001, 50002, 50003]
+
+
+def test_a_server_that_refuses_its_arguments_says_why_in_one_line(tmp_path):
+    """tritonserver answers a bad argument (here: the same HTTP and gRPC port) with 400 lines of usage and the
+    reason last; the error names the reason."""
+    from tritonmoe.tools.tritonserver import TritonError, TritonServer
+
+    port = free_port()
+    server = TritonServer(tmp_path / "repo", http_port=port, grpc_port=port, log_path=tmp_path / "server.log")
+    (tmp_path / "repo").mkdir()
+    try:
+        with pytest.raises(TritonError) as e:
+            server.start(timeout=60)
+    finally:
+        server.stop()
+    assert "cannot listen to HTTP requests and GRPC requests at the same address and port" in str(e.value)
+    assert "Rate Limiter" not in str(e.value) and len(str(e.value).splitlines()) == 2

@@ -185,7 +185,7 @@ class TritonServer:
         paths = ["/v2/health/live"] + [f"/v2/models/{m}/ready" for m in self.models]
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise TritonError(f"tritonserver exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                raise TritonError(f"tritonserver exited with code {self.proc.returncode}:\n{self.exit_reason()}")
             if all(self._get(p) == 200 for p in paths):
                 return
             time.sleep(0.25)
@@ -199,6 +199,15 @@ class TritonServer:
             return e.code
         except (OSError, urllib.error.URLError):
             return 0
+
+    def exit_reason(self) -> str:
+        """The end of the server's output; for an argument it refused, just the reason (its last line, after
+        400 lines of usage text)."""
+        text = self.log_tail()
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            if f.read(200).lstrip().startswith("Usage: tritonserver") and text.strip():
+                return text.strip().splitlines()[-1]
+        return text
 
     def log_tail(self, chars: int = 6000) -> str:
         with contextlib.suppress(OSError):
