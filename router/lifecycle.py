@@ -262,27 +262,29 @@ class Manager:
         after which the instance is idle and can be evicted; None when that cannot be estimated (a stream with
         fewer than two tokens, a request still being placed) or an idle ``inst`` would not be evicted (the
         model's min_instances)."""
-        ispec = self.specs.get(inst.model)
-        if ispec is None or inst.state != "ready" or inst.inflight == 0:
-            return None
-        sessions = [s for s in self.sessions.values() if s.source_instance() is inst]
-        if len(sessions) != inst.inflight:
-            return None
-        if sum(1 for h in self.hosts if h.ready_instance(inst.model)) <= ispec.min_instances:
+        sessions = self._streams_on(inst)
+        if sessions is None or sum(1 for h in self.hosts if h.ready_instance(inst.model)) <= \
+                self.specs[inst.model].min_instances:
             return None
         remaining = [s.remaining_s() for s in sessions]
         return None if any(r is None for r in remaining) else max(remaining)
+
+    def _streams_on(self, inst: Instance) -> list | None:
+        """The streams running on a ready, busy ``inst`` of a known model; None when it is not that, or when some
+        of its requests are not streams yet (still being placed)."""
+        if inst.model not in self.specs or inst.state != "ready" or inst.inflight == 0:
+            return None
+        sessions = [s for s in self.sessions.values() if s.source_instance() is inst]
+        return sessions if len(sessions) == inst.inflight else None
 
     def _move_for(self, inst: Instance) -> Move | None:
         """How the streams on ``inst`` would move elsewhere, and what that costs; None if they cannot all move
         (a stream without tokens yet, one already migrating, a request still being placed) or the move would
         leave the model below its min_instances."""
-        ispec = self.specs.get(inst.model)
-        if ispec is None or inst.state != "ready" or inst.draining or inst.inflight == 0:
+        sessions = self._streams_on(inst)
+        if inst.draining or sessions is None or not all(s.migratable() for s in sessions):
             return None
-        sessions = [s for s in self.sessions.values() if s.source_instance() is inst]
-        if len(sessions) != inst.inflight or not all(s.migratable() for s in sessions):
-            return None
+        ispec = self.specs[inst.model]
         dests = self.candidates(ispec, exclude={inst.host.name})
         if not dests:
             return None

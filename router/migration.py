@@ -149,9 +149,11 @@ class StreamSession:
     def remaining_s(self) -> float | None:
         """Seconds until this stream reaches its max_tokens at the token rate it has shown so far (None before its
         second token). An upper bound: an end-of-sequence token or a stop string can end it sooner."""
+        if self.done:
+            return 0.0
         n = len(self.tokens)
-        if self.first_token_at is None or n < 2 or self.done:
-            return None if not self.done else 0.0
+        if self.first_token_at is None or n < 2:
+            return None
         rate = (n - 1) / max(time.monotonic() - self.first_token_at, 1e-6)
         return max(int(self.sampling.get("max_tokens", n)) - n, 0) / rate
 

@@ -553,7 +553,6 @@ def start_service(root: Path, shm_dir: Path, dram_budget, extra: list[str], log=
     this process's): (process, client), once it answers (or after a minute: the caller's first request then fails
     with the reason)."""
     from tritonmoe.loader.client import LoaderClient, LoaderError
-
     from tritonmoe.tools.tritonserver import free_port
 
     port = free_port()

@@ -13,11 +13,11 @@ import os
 import shutil
 import signal
 import socket
-import threading
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
