@@ -20,6 +20,7 @@ stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, numpy, cuda.bindings; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda-bindings', cuda.bindings.__version__)"
 STAGES=${STAGES:-tests train bench}
+TRACES_DIR=${TRACES_DIR:-runs/routing}  # trace files <shape>.npz when this run does not train (runs/routing/gpu: GPU-trained)
 SHAPES=${SHAPES:-dsv2lite qwen3}
 case " $STAGES " in *" tests "*)
   stage "GPU offload tests"
@@ -38,7 +39,8 @@ case " $STAGES " in *" bench "*)
   # 1. the offloader's host time per decode step (real layer x expert x top-k counts, tiny widths, the CUDA copy
   #    engine and kernels): seconds per shape; 2. the full-size benchmark at 25% (BENCH_ARGS replaces the default).
   for shape in $SHAPES; do
-    traces=$out/$shape.npz; [ -f "$traces" ] || traces=runs/routing/$shape.npz
+    [ "${SKIP_HOST_TIME:-0}" = 1 ] && break
+    traces=$out/$shape.npz; [ -f "$traces" ] || traces=$TRACES_DIR/$shape.npz
     tr_arg=; [ -f "$traces" ] && tr_arg="--traces $traces"
     stage "host time: $shape (${tr_arg:-synthetic routing})"
     timeout ${HOST_TIMEOUT:-90} python3 -m tritonmoe.tools.bench_offload --host-time --shape "$shape" $tr_arg \
@@ -46,8 +48,8 @@ case " $STAGES " in *" bench "*)
       --groups-bn 1 --out "$out/host_time_$shape.json" 2>&1 | tee -a "$out/host_time.log"
   done
   for shape in $SHAPES; do
-    traces=$out/$shape.npz; [ -f "$traces" ] || traces=runs/routing/$shape.npz
-    if [ ! -f "$traces" ]; then echo "bench: $shape skipped: no $traces (carry runs/routing, or STAGES=train first)"; continue; fi
+    traces=$out/$shape.npz; [ -f "$traces" ] || traces=$TRACES_DIR/$shape.npz
+    if [ ! -f "$traces" ]; then echo "bench: $shape skipped: no $traces (carry $TRACES_DIR, or STAGES=train first)"; continue; fi
     stage "bench: $shape ($traces)"
     timeout ${BENCH_TIMEOUT:-180} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
       --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lookahead --new-tokens 32 --groups-b1 1 --groups-bn 1 --warmup-tokens 4} \

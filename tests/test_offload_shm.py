@@ -298,69 +298,37 @@ def test_parts_split_at_the_registration_grid(converted):
 
 
 def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, monkeypatch):
-    """NOT a GPU test: CudaCopyEngine's multi-part path run against a stand-in `cuda.bindings.runtime` whose
-    cudaMemcpyAsync is a host memmove, into a host pool. It checks the engine's pointer arithmetic (each part's
-    source address, its offset in the slot, its size; the one-copy path unchanged), nothing about CUDA itself."""
-    import ctypes
-    import types
-
+    """NOT a GPU test: CudaCopyEngine's multi-part path run on the host simulation of its CUDA calls
+    (tests/cuda_sim.py: copies are host memmoves into a host pool). It checks the engine's pointer arithmetic
+    (each part's source address, its offset in the slot, its size; the one-copy path unchanged), nothing about
+    CUDA itself."""
     import numpy as np
 
-    calls = []
-
-    class Enum:
-        def __init__(self, **kw):
-            self.__dict__.update(kw)
-
-    def memcpy(dst, src, n, kind, stream):
-        ctypes.memmove(dst, src, n)
-        calls.append(n)
-        return (0,)
-
-    rt = types.SimpleNamespace(
-        cudaError_t=Enum(cudaSuccess=0, cudaErrorNotReady=600), cudaMemcpyKind=Enum(cudaMemcpyHostToDevice=1),
-        cudaMemcpyAsync=memcpy, cudaEventRecord=lambda ev, stream: (0,), cudaStreamWaitEvent=lambda s, e, f: (0,),
-        cudaEventQuery=lambda ev: (0,), cudaEventCreateWithFlags=lambda flags: (0, object()),
-        cudaEventDisableTiming=2, cudaGetErrorName=lambda err: (0, b"stand-in"))
-    cuda = types.ModuleType("cuda")
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime, cuda.bindings = rt, bindings
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
-    # a private copy of the module bound to the stand-in (the real one, if imported, is left alone)
-    import importlib.util
-
-    import tritonmoe.backend.offload as offload_pkg
-
-    spec = importlib.util.spec_from_file_location("tritonmoe.backend.offload._standin_cuda_copy_engine",
-                                                  Path(offload_pkg.__file__).parent / "cuda_copy_engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    CudaCopyEngine = module.CudaCopyEngine
+    from cuda_sim import Sim, engine_on, install
+    from tritonmoe.backend.offload.stats import OffloadStats
 
     def engine(store, slots):
-        e = object.__new__(CudaCopyEngine)  # __init__ makes streams on a GPU; the copy path needs only these
-        e._device_index, e._demand_stream, e._prefetch_stream = -1, "demand", "prefetch"
-        e._ready, e._last_reader = [object()] * slots, [-1] * slots
-        e._loading, e._prefetching = set(), set()
+        sim = Sim()
+        module = install(monkeypatch, sim)
+        e = engine_on(module, sim, monkeypatch, slots, OffloadStats(store.num_layers))
         pool = torch.zeros((slots, store.layout.slot_bytes), dtype=torch.uint8)
         e.bind(pool, store)
-        return e, pool
+        return e, pool, sim
 
     _, store = _tiny_store(converted, "mixtral")
-    eng, pool = engine(store, 4)
+    eng, pool, sim = engine(store, 4)
     eng.load_many(np.array([2, 0]), 1, np.array([5, 7]), urgent=True)
     eng.load_many(np.array([1, 3]), np.array([0, 2]), np.array([3, 0]), urgent=False)
+    sim.drain()
     for slot, (layer, expert) in zip([2, 0, 1, 3], [(1, 5), (1, 7), (0, 3), (2, 0)]):
         assert torch.equal(pool[slot], store.gather(layer, expert)), (slot, layer, expert)
-    assert len(calls) == 4 * 3  # Mixtral: three parts per expert
+    assert len(sim.copied_bytes) == 4 * 3  # Mixtral: three parts per expert
     packed = HostExpertStore(store.layout, [torch.stack([store.gather(layer, e) for e in range(store.num_experts)])
                                             for layer in range(store.num_layers)])
-    calls.clear()
-    eng, pool = engine(packed, 2)
+    eng, pool, sim = engine(packed, 2)
     eng.load_many(np.array([1]), 2, np.array([6]), urgent=True)
-    assert calls == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
+    sim.drain()
+    assert sim.copied_bytes == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
 
 
 def cuda_reference(tmp_path: Path, arch: str):
@@ -374,7 +342,31 @@ def cuda_reference(tmp_path: Path, arch: str):
     ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    cuda_reference.model = ref  # for divergence_report
     return conv, ids, want
+
+
+def divergence_report(loaded, ids, want_full) -> str:
+    """Where an offloaded bf16 generation left the reference's: both models teacher-forced on the reference's
+    sequence, the largest logit difference and, at each position where their greedy picks differ, the
+    reference's own margin between its top two tokens (a near-tie flips on rounding; a real fault moves logits
+    far beyond bf16 rounding)."""
+    ref = cuda_reference.model
+    offloader = loaded.offloader
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: offloader.begin_forward(["diag"], "prefill"), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            a = ref(want_full).logits[0, ids.shape[1] - 1:-1].float()
+            b = loaded.model(want_full).logits[0, ids.shape[1] - 1:-1].float()
+    finally:
+        hook.remove()
+        offloader.end_sequence("diag")
+    top = a.topk(2, dim=-1).values
+    lines = [f"max |logit difference| {float((a - b).abs().max()):.4f} (logit scale {float(a.abs().max()):.3f})"]
+    for pos in torch.nonzero(a.argmax(-1) != b.argmax(-1)).flatten().tolist():
+        lines.append(f"position {pos}: reference margin between its top two {float(top[pos, 0] - top[pos, 1]):.4f}")
+    return "; ".join(lines)
 
 
 @pytest.mark.gpu
@@ -394,7 +386,8 @@ def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, 
     loaded = load_for_serving(cfg, torch.device("cuda", 0))
     store = loaded.offloader.store
     assert store.multipart == (tier == "shared") and store.pinned
-    assert generate(loaded, ids) == want
+    got = generate(loaded, ids)
+    assert got == want, divergence_report(loaded, ids, torch.cat([ids[0], torch.tensor(want, device="cuda")])[None])
     assert loaded.offloader.stats()["misses"] > 0
     loaded.offloader.close()
 
