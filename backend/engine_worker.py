@@ -77,9 +77,17 @@ class EngineHost:
         self._on_step_cb, self._next_offload_publish = on_step, 0.0
         self._first_step_logged = False
         self._faults_at_ready = _page_faults()
+        self._trace = None
+        if self.offloader is not None and cfg.offload.trace_path:
+            from .offload.trace_file import OffloadTraceWriter
+
+            self._trace = OffloadTraceWriter(cfg.offload.trace_path, self.offloader.store.num_layers,
+                                             model=str(cfg.checkpoint), device=str(device),
+                                             cache_slots=self.offloader.num_slots, budget=cfg.offload.cache_budget,
+                                             eviction=cfg.offload.eviction, prefetch=cfg.offload.prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs,
                              max_model_len=cfg.max_model_len, offloader=self.offloader,
-                             on_step=self._on_step if on_step is not None else None)
+                             on_step=self._on_step if on_step is not None or self._trace is not None else None)
         self.max_model_len = self.engine.max_model_len
         self.engine.start()
 
@@ -127,6 +135,10 @@ class EngineHost:
                      f"ready: {major} major, {minor} minor)")
         stats = None
         # on the engine thread, between forwards: the only place the offloader's counters are consistent
+        if self._trace is not None:
+            self._trace.step(running, seconds, self.offloader.stats())
+        if self._on_step_cb is None:
+            return
         if self.offloader is not None and (running == 0 or time.monotonic() >= self._next_offload_publish):
             self._next_offload_publish = time.monotonic() + OFFLOAD_METRICS_SECONDS
             stats = self.offloader.stats()
@@ -134,6 +146,8 @@ class EngineHost:
 
     def close(self) -> None:
         self.engine.shutdown()
+        if self._trace is not None:
+            self._trace.close()
         if self.offloader is not None:
             self.offloader.close()  # waits for copies in flight; saves the EAMC when eamc_path is set
 

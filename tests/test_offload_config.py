@@ -35,6 +35,8 @@ def test_defaults_and_full_parse():
     ("eamc_top_matches", "-1", "at least 1"),
     ("expert_pin_host_memory", "yes", '"true" or "false"'),
     ("expert_cache_bugdet", "25%", "unknown offloading parameter"),
+    ("expert_trace_path", "/no/such/folder/trace.jsonl", "does not exist"),
+    ("expert_trace_path", "/tmp", "is a directory"),
 ])
 def test_bad_values_name_the_key(key, value, reason):
     with pytest.raises(ValueError, match=reason) as info:

@@ -320,3 +320,16 @@ def test_a_server_that_refuses_its_arguments_says_why_in_one_line(tmp_path):
         server.stop()
     assert "cannot listen to HTTP requests and GRPC requests at the same address and port" in str(e.value)
     assert "Rate Limiter" not in str(e.value) and len(str(e.value).splitlines()) == 2
+
+
+def test_plot_offload_trace_refuses_what_is_not_a_trace(tmp_path):
+    """The plotting tool says what is wrong with a file it cannot read, and exits 2."""
+    bad = tmp_path / "not_a_trace.jsonl"
+    bad.write_text('{"step": 1}\n')
+    out = subprocess.run([sys.executable, "-m", "tritonmoe.tools.plot_offload_trace", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "before any header" in out.stderr
+    bad.write_text("not json\n")
+    out = subprocess.run([sys.executable, "-m", "tritonmoe.tools.plot_offload_trace", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "not a JSON line" in out.stderr

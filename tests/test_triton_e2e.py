@@ -321,3 +321,47 @@ def test_converted_checkpoint_through_triton(triton, tiny, reference, tmp_path, 
         assert not client.is_model_ready("converted_bad")
     finally:
         client.close()
+
+
+def test_offload_trace_file_adds_up_to_the_metrics_and_plots(triton, tiny, reference, tmp_path):
+    """``expert_trace_path``: the engine appends one line per step with each MoE layer's expert-cache activity; the
+    steps' per-layer sums equal the per-layer counters Prometheus got, the plotting tool draws it and reports the
+    same hit rate, and a trace path in a missing folder fails the load naming the parameter."""
+    from tritonmoe.backend.offload.trace_file import read_trace
+    from tritonmoe.tools.plot_offload_trace import plot
+
+    name, trace = "offload_traced", tmp_path / "trace.jsonl"
+    write_model(triton.repo, name, tiny("qwen3_moe"), expert_cache_budget="25%", expert_trace_path=trace)
+    client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
+    try:
+        client.load_model(name)
+        tokens = 0
+        for prompt in PROMPTS[:2]:
+            ids, text = reference(tiny("qwen3_moe"), prompt, 8)
+            events = list(generate_stream(triton.http_url, name, prompt, max_tokens=8))
+            assert "".join(e["text_output"] for e in events) == text
+            tokens += len(ids)
+        time.sleep(0.5)  # the metrics thread applies the last snapshot (taken when the batch emptied)
+        header, steps = read_trace(trace)
+        assert header["eviction"] == "activation" and header["budget"] == "25%"
+        # two requests one after the other; a step prefills what it admits and decodes every running sequence
+        assert len(steps) >= tokens - 2
+        layers = header["layers"]
+        for field, metric_name in (("uses", "tritonmoe_expert_uses_total"),
+                                   ("hits", "tritonmoe_expert_cache_hits_total"),
+                                   ("misses", "tritonmoe_expert_cache_misses_total")):
+            from_trace = [sum(s[field][layer] for s in steps) for layer in range(layers)]
+            from_metrics = [metric(triton, metric_name, model=name, layer=str(layer)) for layer in range(layers)]
+            assert from_trace == from_metrics, field
+            assert sum(from_trace) > 0
+        totals = plot(str(trace), str(tmp_path / "trace.png"))
+        assert (tmp_path / "trace.png").stat().st_size > 10_000
+        assert totals["steps"] == len(steps)
+        assert totals["hit_rate"] == pytest.approx(metric(triton, "tritonmoe_expert_hit_rate", model=name))
+        client.unload_model(name)
+        write_model(triton.repo, "offload_bad_trace", tiny("qwen3_moe"), expert_cache_budget="25%",
+                    expert_trace_path=tmp_path / "missing" / "trace.jsonl")
+        with pytest.raises(InferenceServerException, match="expert_trace_path"):
+            client.load_model("offload_bad_trace")
+    finally:
+        client.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 EVICTION_POLICIES = ("lru", "lfu", "activation")
 HOST_TIERS = ("auto", "shared", "packed")
@@ -73,6 +74,8 @@ class OffloadConfig:
     # copies the experts into a host tier of this process, "auto" is shared on the CPU and packed on a GPU -- the
     # shared tier page-locks the whole DRAM copy in the backend process, which is not verified on a GPU yet
     host_tier: str = "auto"
+    # a JSON-lines file the engine appends the expert cache's per-step, per-layer activity to (trace_file.py)
+    trace_path: str | None = None
 
     def __post_init__(self):
         ExpertBudget.parse(self.cache_budget)
@@ -86,6 +89,12 @@ class OffloadConfig:
             raise ValueError(f"eamc_top_matches must be at least 1, got {self.eamc_top_matches}")
         if self.host_tier not in HOST_TIERS:
             raise ValueError(f"host_tier must be one of {', '.join(HOST_TIERS)}, got {self.host_tier!r}")
+        if self.trace_path is not None:
+            trace = Path(self.trace_path)
+            if trace.is_dir():
+                raise ValueError(f"{self.trace_path!r} is a directory; give a file to append the trace to")
+            if not trace.parent.is_dir():
+                raise ValueError(f"the folder of {self.trace_path!r} does not exist")
 
     @property
     def budget(self) -> ExpertBudget:
@@ -124,6 +133,7 @@ PARAMETER_KEYS = {
     "eamc_top_matches": "eamc_top_matches",
     "pin_host_memory": "expert_pin_host_memory",
     "host_tier": "expert_host_tier",
+    "trace_path": "expert_trace_path",
 }
 assert set(PARAMETER_KEYS) == {f.name for f in fields(OffloadConfig)}
 
@@ -138,6 +148,6 @@ def _convert(name: str, raw: str):
         if raw.lower() not in ("true", "false"):
             raise ValueError(f'expected "true" or "false", got {raw!r}')
         return raw.lower() == "true"
-    if name == "eamc_path":
+    if name in ("eamc_path", "trace_path"):
         return raw or None
     return raw if name == "cache_budget" else raw.lower()
