@@ -88,6 +88,15 @@ def test_benchmark_harness_replays_traces_through_every_policy(traces, tmp_path,
     results = json.load(open(out))["results"]
     got = {(r["policy"], r["batch"]) for r in results}
     assert got == {(p, b) for p in ("resident", "activation", "lru", "lfu", "lookahead") for b in (1, 2)}
+    for b in (1, 2):  # the baseline is measured before and after the policies; ratios use the mean of both
+        before, after = [r for r in results if r["policy"] == "resident" and r["batch"] == b]
+        assert (before["measured"], after["measured"]) == ("before", "after")
+        mean = (before["tpot_s"] + after["tpot_s"]) / 2
+        assert before["resident_tpot_mean_s"] == pytest.approx(mean)
+        assert before["resident_drift"] == pytest.approx(max(before["tpot_s"], after["tpot_s"])
+                                                         / min(before["tpot_s"], after["tpot_s"]))
+        lru = next(r for r in results if r["policy"] == "lru" and r["batch"] == b)
+        assert lru["tpot_over_resident"] == pytest.approx(lru["tpot_s"] / mean)
     for r in results:
         assert r["tpot_s"] > 0 and r["ttft_s"] > 0 and r["decode_steps"] == 3
         assert 0.0 <= r["decode_hit_rate"] <= 1.0
