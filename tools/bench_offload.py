@@ -48,6 +48,9 @@ POLICIES = {  # name -> (eviction, prefetch)
     "lru": ("lru", "none"),
     "lfu": ("lfu", "none"),
     "lookahead": ("lru", "lookahead"),
+    # the same engine with a baseline's eviction and the lookahead prefetch: which half of a policy decides
+    "lfu+lookahead": ("lfu", "lookahead"),
+    "activation+lookahead": ("activation", "lookahead"),
 }
 
 
@@ -410,11 +413,11 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                 cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                     eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                 off = attach_offloading(model, cfg, device=device, host_store=store)
-                if policy == "lookahead":
+                if prefetch == "lookahead":
                     off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i)
                                                                    for i in range(len(modules))])
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                 policy == "lookahead", warmup_tokens=args.warmup_tokens)
+                                 prefetch == "lookahead", warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
                            **_summary(r, slot_bytes))
@@ -693,11 +696,11 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                         eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                     off = attach_offloading(model, cfg, device=device, host_store=store)
-                    if policy == "lookahead":
+                    lookahead = prefetch == "lookahead"
+                    if lookahead:
                         off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i) for i in range(L)])
                     off.set_prefetch_window(window)  # what the full-size experts get, not the tiny ones
-                    r = _drive_offloader(off, modules, feed, traces, groups, args, policy == "lookahead", H, dtype,
-                                         device)
+                    r = _drive_offloader(off, modules, feed, traces, groups, args, lookahead, H, dtype, device)
                     off.close()
                     res = dict(shape=args.shape, layers=L, experts=E, top_k=k, hidden=H, policy=policy,
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
