@@ -272,6 +272,8 @@ def expert_sources(checkpoint, model: torch.nn.Module) -> list[list[list[tuple[s
             out[layer][entry.expert].append((param_name, rows_before * row_bytes, checkpoint.raw(t)))
             key = (layer, entry.expert, param_name)
             filled[key] = filled.get(key, 0) + t.bytes
+    _fused_sources(checkpoint, modules, position, renamings, converters, model.base_model_prefix, meta_state, out,
+                   filled)
     for layer, (module_name, module) in enumerate(modules):
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() < 2 or param.shape[0] != module.num_experts:
@@ -283,6 +285,39 @@ def expert_sources(checkpoint, model: torch.nn.Module) -> list[list[list[tuple[s
                     raise ExpertMappingError(f"{module_name}.{param_name} of expert {expert}: the checkpoint's "
                                              f"tensors give {got} of its {want} bytes")
     return out
+
+
+def _fused_sources(checkpoint, modules, position, renamings, converters, prefix, meta_state, out, filled) -> None:
+    """Checkpoint tensors that already *are* a fused expert parameter (GPT-OSS's format: ``experts.gate_up_proj``
+    ``[E, ...]``, loaded as is, no conversion): expert ``e`` is the ``e``-th equal byte range of the tensor. Only
+    exactly matching shape, dtype and a contiguous layout count; anything else is left for the byte check to
+    refuse. Adds to ``out`` / ``filled`` as :func:`expert_sources` does."""
+    from transformers.core_model_loading import rename_source_key
+
+    from .format import contiguous_stride
+
+    per_expert_names = {name for entry in checkpoint.index.experts for name in entry.tensors}
+    for name, t in checkpoint.index.tensors.items():
+        if name in per_expert_names:
+            continue
+        target, pattern = rename_source_key(name, renamings, converters, prefix, meta_state)
+        module_name, _, param_name = target.rpartition(".")
+        if pattern is not None or module_name not in position:
+            continue
+        layer, module = position[module_name], modules[position[module_name]][1]
+        param = getattr(module, param_name, None)
+        if param is None or param.dim() < 2 or param.shape[0] != module.num_experts:
+            continue
+        if list(t.shape) != list(param.shape) or getattr(torch, t.dtype) != param.dtype or \
+                t.stride != contiguous_stride(t.shape):
+            raise ExpertMappingError(f"{name} {t.dtype}{list(t.shape)} is not {target}'s fused layout "
+                                     f"{str(param.dtype).removeprefix('torch.')}{list(param.shape)}")
+        raw = checkpoint.raw(t)
+        per = raw.numel() // module.num_experts
+        for expert in range(module.num_experts):
+            out[layer][expert].append((param_name, 0, raw[expert * per:(expert + 1) * per]))
+            key = (layer, expert, param_name)
+            filled[key] = filled.get(key, 0) + per
 
 
 def _sibling(checkpoint, entry, name: str, pattern: str, other_pattern: str) -> str | None:

@@ -17,7 +17,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe")
+ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 MARKER = "tritonmoe_tiny.json"  # written last: a folder without it is an unfinished build
 
@@ -85,6 +85,15 @@ def make_config(spec: TinySpec):
                                 use_sliding_window=False, **common)
     elif spec.arch == "olmoe":
         cfg = tf.OlmoeConfig(num_experts=spec.experts, intermediate_size=spec.expert_ffn, **common)
+    elif spec.arch == "gpt_oss":
+        # transposed experts with biases and a clamped SwiGLU, a biased router at `.router`, attention sinks; full
+        # attention in every layer (its sliding mask is built but unused), YaRN RoPE consistent with the tiny context
+        cfg = tf.GptOssConfig(num_local_experts=spec.experts, intermediate_size=spec.expert_ffn, head_dim=head_dim,
+                              layer_types=["full_attention"] * spec.layers, sliding_window=spec.max_positions,
+                              rope_parameters={"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                               "original_max_position_embeddings": spec.max_positions},
+                              **common)
     else:  # deepseek_v2 / deepseek_v3: multi-head latent attention, shared experts, a leading dense layer
         mla = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                    n_routed_experts=spec.experts, n_shared_experts=spec.shared_experts,

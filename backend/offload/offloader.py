@@ -280,9 +280,10 @@ def attach_offloading(model: torch.nn.Module, config: OffloadConfig, device: str
             drop_expert_params(m)
     model.to(device)
 
-    routers = [getattr(model.get_submodule(name.rpartition(".")[0]), "gate", None) for name, _ in named]
+    blocks = [model.get_submodule(name.rpartition(".")[0]) for name, _ in named]
+    routers = [getattr(b, "gate", None) or getattr(b, "router", None) for b in blocks]  # GPT-OSS: `.router`
     if config.prefetch == "lookahead" and any(r is None for r in routers):
-        raise ValueError("router-lookahead prefetching needs each MoE block's router at `.gate`")
+        raise ValueError("router-lookahead prefetching needs each MoE block's router at `.gate` or `.router`")
     offloader = Offloader(config, host_store, device, routers)
     for i, m in enumerate(modules):
         setattr(m, HANDLE_ATTR, (offloader, i))
