@@ -193,6 +193,14 @@ def test_expert_sources_refuse_what_is_not_a_byte_range(converted):
         e.tensors.append(extra)
         with pytest.raises(ExpertMappingError, match="weight_scale_inv"):
             expert_sources(ckpt, meta_model(conv, torch.float32))
+    # a checkpoint that stores the fused parameter itself (GPT-OSS): byte ranges of it, unless a cast is needed
+    _, conv = converted("gpt_oss")
+    with ShmCheckpoint(conv) as ckpt:
+        sources = expert_sources(ckpt, meta_model(conv, torch.float32))
+        assert {name for name, _, _ in sources[0][0]} == {"gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                           "down_proj_bias"}
+        with pytest.raises(ExpertMappingError, match="fused layout"):
+            expert_sources(ckpt, meta_model(conv, torch.bfloat16))
 
 
 # ---- memory of a fresh backend process ---------------------------------------------------------------------------
