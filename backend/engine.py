@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
-from .kv_batch import KVBatch
+from .kv_batch import KVBatch, check_supported
 from .sampling import RequestError, SamplingParams, request_seed, sample_row, token_generator
 from .text import TextStream
 
@@ -61,6 +61,7 @@ class Sequence:
 class Engine:
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 8, max_model_len: int | None = None,
                  offloader=None, on_step: Callable[[int, float], None] | None = None):
+        check_supported(model.config)  # a model it cannot batch fails here, at load, not on every request
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device

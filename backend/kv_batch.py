@@ -25,6 +25,12 @@ def _check_layers(cache: DynamicCache) -> None:
                 "by continuous batching yet")
 
 
+def check_supported(config) -> None:
+    """Refuse, before any request, a model whose cache the running batch cannot hold (sliding-window layers, ...):
+    the cache transformers would build for ``config``, checked layer by layer."""
+    _check_layers(DynamicCache(config=config))
+
+
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if n == 0 else F.pad(t, (0, 0, n, 0))  # [B, H, T, D]: pad T on the left
 

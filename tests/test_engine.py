@@ -208,3 +208,17 @@ def test_bad_resume_state_is_refused(tiny):
         engine.submit(ids, params, print, resume_ids=[10**9])
     with pytest.raises(RequestError, match="characters were sent"):
         engine.submit(ids, params, print, resume_ids=[5], text_chars_sent=1000)
+
+
+def test_a_model_it_cannot_batch_is_refused_before_any_request(tmp_path):
+    """Sliding-window layers (GPT-OSS alternates them with full ones) do not fit the running batch's cache: the
+    engine says so when it is made -- a Triton load fails with this message -- not on every request."""
+    from tritonmoe.backend.kv_batch import UnsupportedCacheError
+    from tritonmoe.tools.tiny_models import TinySpec, build
+
+    path = build(TinySpec(arch="gpt_oss", layers=2, experts=4, top_k=2,
+                          extra={"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
+                 tmp_path / "gpt_oss_sliding")
+    model, tok = _hf(path)
+    with pytest.raises(UnsupportedCacheError, match="sliding-window"):
+        Engine(model, tok)

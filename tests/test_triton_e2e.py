@@ -365,3 +365,20 @@ def test_offload_trace_file_adds_up_to_the_metrics_and_plots(triton, tiny, refer
             client.load_model("offload_bad_trace")
     finally:
         client.close()
+
+
+def test_a_model_the_engine_cannot_batch_fails_to_load_saying_why(triton, tmp_path):
+    """A GPT-OSS with sliding-window layers: the load fails with the engine's reason, the server carries on."""
+    from tritonmoe.tools.tiny_models import TinySpec, build
+
+    path = build(TinySpec(arch="gpt_oss", layers=2, experts=4, top_k=2,
+                          extra={"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
+                 tmp_path / "gpt_oss_sliding")
+    write_model(triton.repo, "gpt_oss_sliding", path)
+    client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
+    try:
+        with pytest.raises(InferenceServerException, match="sliding-window"):
+            client.load_model("gpt_oss_sliding")
+        assert not client.is_model_ready("gpt_oss_sliding") and client.is_server_live()
+    finally:
+        client.close()
