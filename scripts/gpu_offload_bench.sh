@@ -20,7 +20,8 @@ stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, numpy, cuda.bindings; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda-bindings', cuda.bindings.__version__)"
 STAGES=${STAGES:-tests train bench}
-TRACES_DIR=${TRACES_DIR:-runs/routing}  # trace files <shape>.npz when this run does not train (runs/routing/gpu: GPU-trained)
+# trace files <shape>.npz when this run does not train: the GPU-trained ones when carried, else the CPU-trained ones
+TRACES_DIR=${TRACES_DIR:-$( [ -d runs/routing/gpu ] && echo runs/routing/gpu || echo runs/routing )}
 SHAPES=${SHAPES:-dsv2lite qwen3}
 case " $STAGES " in *" tests "*)
   stage "GPU offload tests"
@@ -52,7 +53,7 @@ case " $STAGES " in *" bench "*)
     if [ ! -f "$traces" ]; then echo "bench: $shape skipped: no $traces (carry $TRACES_DIR, or STAGES=train first)"; continue; fi
     stage "bench: $shape ($traces)"
     timeout ${BENCH_TIMEOUT:-180} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
-      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lookahead --new-tokens 32 --groups-b1 1 --groups-bn 1 --warmup-tokens 4} \
+      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lfu lookahead lfu+lookahead activation+lookahead accelerate --new-tokens 32 --groups-b1 2 --groups-bn 1 --warmup-tokens 4} \
       2>&1 | tee -a "$out/bench.log" | grep -v "^|"
   done
 ;; esac
