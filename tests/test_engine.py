@@ -210,15 +210,54 @@ def test_bad_resume_state_is_refused(tiny):
         engine.submit(ids, params, print, resume_ids=[5], text_chars_sent=1000)
 
 
-def test_a_model_it_cannot_batch_is_refused_before_any_request(tmp_path):
-    """Sliding-window layers (GPT-OSS alternates them with full ones) do not fit the running batch's cache: the
-    engine says so when it is made -- a Triton load fails with this message -- not on every request."""
-    from tritonmoe.backend.kv_batch import UnsupportedCacheError
+SLIDING = {  # architecture, window and layer layout of tiny models with sliding-window attention
+    "gpt_oss_w4": ("gpt_oss", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
+    "gpt_oss_w16": ("gpt_oss", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}),
+    "mixtral_w5": ("mixtral", {"sliding_window": 5}),  # every layer sliding, as Mistral-style windows are
+}
+
+
+@pytest.mark.parametrize("name", SLIDING)
+def test_continuous_batching_with_sliding_window_layers_matches_generate(name, tmp_path):
+    """Sliding-window layers keep only their last window - 1 columns: rows of different lengths, longer and
+    shorter than the window, join and leave the running batch (merge, trim) and each still equals its solo
+    generate()."""
+    from transformers import AutoModelForCausalLM
+
     from tritonmoe.tools.tiny_models import TinySpec, build
 
-    path = build(TinySpec(arch="gpt_oss", layers=2, experts=4, top_k=2,
-                          extra={"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
-                 tmp_path / "gpt_oss_sliding")
+    arch, extra = SLIDING[name]
+    path = build(TinySpec(arch=arch, layers=2, experts=4, top_k=2, extra=extra), tmp_path / name)
     model, tok = _hf(path)
-    with pytest.raises(UnsupportedCacheError, match="sliding-window"):
-        Engine(model, tok)
+    engine = Engine(model, tok, max_num_seqs=3)
+    prompts = PROMPTS + ["x", "def f(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p):\n    return a"]
+    budgets = [12, 5, 9, 3, 7, 10]  # rows finish at different steps: the batch is trimmed under the others
+    streams = []
+    for prompt, n in zip(prompts, budgets):
+        streams.append(submit(engine, prompt, max_tokens=n, ignore_eos=True)[1])
+        engine.step()
+    run_all(engine)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, n, q in zip(prompts, budgets, streams):
+        got = [t for o in drain(q) for t in o.token_ids]
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+        assert got == want.tolist(), (name, prompt)
+
+
+def test_a_cache_the_batch_cannot_hold_is_refused_before_any_request():
+    """A model whose cache has a layer type the running batch does not know fails when the engine is made -- a
+    Triton load then fails with this message -- not on every request."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from tritonmoe.backend import kv_batch
+
+    class ChunkedLayer(DynamicLayer):  # stands for chunked / quantized / indexed attention layers
+        pass
+
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), ChunkedLayer()]
+    with pytest.raises(kv_batch.UnsupportedCacheError, match="ChunkedLayer"):
+        kv_batch._check_layers(cache)

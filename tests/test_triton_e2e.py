@@ -367,18 +367,31 @@ def test_offload_trace_file_adds_up_to_the_metrics_and_plots(triton, tiny, refer
         client.close()
 
 
-def test_a_model_the_engine_cannot_batch_fails_to_load_saying_why(triton, tmp_path):
-    """A GPT-OSS with sliding-window layers: the load fails with the engine's reason, the server carries on."""
+def test_sliding_window_model_through_triton_equals_transformers(triton, reference, tmp_path):
+    """A GPT-OSS whose layers alternate sliding-window (4 tokens) and full attention, as real GPT-OSS checkpoints
+    do: concurrent streams through tritonserver, prompts longer than the window, equal transformers' generate()."""
     from tritonmoe.tools.tiny_models import TinySpec, build
 
     path = build(TinySpec(arch="gpt_oss", layers=2, experts=4, top_k=2,
                           extra={"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
                  tmp_path / "gpt_oss_sliding")
-    write_model(triton.repo, "gpt_oss_sliding", path)
+    write_model(triton.repo, "gpt_oss_sliding", path, expert_cache_budget="50%")  # offloaded too
     client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
     try:
-        with pytest.raises(InferenceServerException, match="sliding-window"):
-            client.load_model("gpt_oss_sliding")
-        assert not client.is_model_ready("gpt_oss_sliding") and client.is_server_live()
+        client.load_model("gpt_oss_sliding")
+        results = {}
+
+        def run(prompt):
+            results[prompt] = "".join(e["text_output"] for e in
+                                      generate_stream(triton.http_url, "gpt_oss_sliding", prompt, max_tokens=12))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for prompt in PROMPTS:
+            assert results[prompt] == reference(path, prompt, 12)[1], prompt
+        client.unload_model("gpt_oss_sliding")
     finally:
         client.close()
