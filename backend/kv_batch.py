@@ -44,8 +44,8 @@ def _set_width(layer, width: int) -> None:
 
 
 def check_supported(config) -> None:
-    """Refuse, before any request, a model whose cache the running batch cannot hold (sliding-window layers, ...):
-    the cache transformers would build for ``config``, checked layer by layer."""
+    """Refuse, before any request, a model whose cache the running batch cannot hold (chunked, quantized or
+    indexed attention layers): the cache transformers would build for ``config``, checked layer by layer."""
     _check_layers(DynamicCache(config=config))
 
 
