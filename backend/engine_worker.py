@@ -133,16 +133,17 @@ class EngineHost:
             # disk shows major faults
             log.info(f"first engine step of this model: {seconds:.3f}s ({running} running; page faults since "
                      f"ready: {major} major, {minor} minor)")
-        stats = None
         # on the engine thread, between forwards: the only place the offloader's counters are consistent
+        publish = self._on_step_cb is not None and self.offloader is not None and (
+            running == 0 or time.monotonic() >= self._next_offload_publish)
+        stats = self.offloader.stats() if publish or self._trace is not None else None  # one snapshot for both
         if self._trace is not None:
-            self._trace.step(running, seconds, self.offloader.stats())
+            self._trace.step(running, seconds, stats)
         if self._on_step_cb is None:
             return
-        if self.offloader is not None and (running == 0 or time.monotonic() >= self._next_offload_publish):
+        if publish:
             self._next_offload_publish = time.monotonic() + OFFLOAD_METRICS_SECONDS
-            stats = self.offloader.stats()
-        self._on_step_cb(running, seconds, stats)
+        self._on_step_cb(running, seconds, stats if publish else None)
 
     def close(self) -> None:
         self.engine.shutdown()

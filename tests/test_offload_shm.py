@@ -341,7 +341,7 @@ def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, mo
 
 def cuda_reference(tmp_path: Path, arch: str):
     """A tiny bf16 model of ``arch`` (HF folder and converted), a prompt on the GPU, and the stock model's greedy
-    generation of it on the GPU: (converted folder, prompt ids, generated ids incl. the prompt)."""
+    generation of it on the GPU: (HF folder, converted folder, prompt ids, generated ids incl. the prompt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = build(TinySpec(arch=arch, layers=3, experts=EXPERTS, top_k=2, dtype="bfloat16"), tmp_path / f"{arch}-hf")
@@ -350,20 +350,19 @@ def cuda_reference(tmp_path: Path, arch: str):
     ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids.to("cuda")
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    # divergence_report rebuilds the reference from the folder: keeping this model alive would change which freed
-    # GPU memory the offloaded model's allocations get (the test's failures went away while it was kept)
-    cuda_reference.folder = hf
-    return conv, ids, want
+    # the model is freed here (divergence_report rebuilds it from the folder): keeping it alive would change which
+    # freed GPU memory the offloaded model's allocations get (the flaky test's failures went away while it was kept)
+    return hf, conv, ids, want
 
 
-def divergence_report(loaded, ids, want_full) -> str:
+def divergence_report(loaded, hf: Path, ids, want_full) -> str:
     """Where an offloaded bf16 generation left the reference's: both models teacher-forced on the reference's
     sequence, the largest logit difference and, at each position where their greedy picks differ, the
     reference's own margin between its top two tokens (a near-tie flips on rounding; a real fault moves logits
     far beyond bf16 rounding)."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(cuda_reference.folder, dtype=torch.bfloat16).to("cuda").eval()
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda").eval()
     offloader = loaded.offloader
     hook = loaded.model.register_forward_pre_hook(
         lambda module, args, kwargs: offloader.begin_forward(["diag"], "prefill"), with_kwargs=True)
@@ -389,7 +388,7 @@ def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, 
     """On the GPU, bf16: an offloaded model loaded through a real loader, with the host tier the loader's
     page-locked shared memory (``shared``: multi-part copies by the cuda-python engine) or a packed pinned copy,
     generates what the stock model on the GPU generates."""
-    conv, ids, want = cuda_reference(tmp_path, arch)
+    hf, conv, ids, want = cuda_reference(tmp_path, arch)
     want = want[0, ids.shape[1]:].tolist()
     loader = loaders()
     cfg = EngineConfig.from_parameters({"checkpoint": str(conv), "loader_url": loader.client.url, "dtype": "bfloat16",
@@ -399,7 +398,8 @@ def test_cuda_offload_through_the_loader_matches_stock(loaders, tmp_path, arch, 
     store = loaded.offloader.store
     assert store.multipart == (tier == "shared") and store.pinned
     got = generate(loaded, ids)
-    assert got == want, divergence_report(loaded, ids, torch.cat([ids[0], torch.tensor(want, device="cuda")])[None])
+    assert got == want, divergence_report(loaded, hf, ids,
+                                          torch.cat([ids[0], torch.tensor(want, device="cuda")])[None])
     assert loaded.offloader.stats()["misses"] > 0
     loaded.offloader.close()
 
@@ -467,7 +467,7 @@ def test_cuda_load_from_the_dram_copy_fills_fused_experts_directly_and_matches_s
 
     from tritonmoe.loader.hf_model import experts_modules, load_hf_model_from_shm
 
-    conv, ids, want = cuda_reference(tmp_path, arch)
+    _, conv, ids, want = cuda_reference(tmp_path, arch)
     with caplog.at_level(logging.INFO, logger="tritonmoe.loader"):
         model = load_hf_model_from_shm(dram_copy(conv), "cuda:0", torch.bfloat16).eval()
     assert "fused by transformers after the copy" not in caplog.text

@@ -72,7 +72,7 @@ class OffloadConfig:
     pin_host_memory: bool = True
     # through the loader: "shared" serves the host tier from the loader's shared memory (no second copy), "packed"
     # copies the experts into a host tier of this process, "auto" is shared on the CPU and packed on a GPU -- the
-    # shared tier page-locks the whole DRAM copy in the backend process, which is not verified on a GPU yet
+    # shared tier page-locks the whole DRAM copy in the backend process: GPU-tested with small models only
     host_tier: str = "auto"
     # a JSON-lines file the engine appends the expert cache's per-step, per-layer activity to (trace_file.py)
     trace_path: str | None = None

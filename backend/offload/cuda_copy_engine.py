@@ -119,25 +119,31 @@ class CudaCopyEngine:
         self._pending_timers: deque[tuple[int, object, object]] = deque()  # (layer, start, end)
 
     def _run(self, fn, *args):
-        """One hot-path call; raises on error. A thread on which no CUDA context is current yet (the driver API
-        needs one; the runtime makes torch's current lazily) gets the device's, once, and the call is retried."""
+        """One hot-path call; raises on error."""
         result = fn(*args)
         if result[0] != self._calls.ok:
             if result[0] == self._calls.invalid_context:
-                _check_rt(cudart.cudaSetDevice(self._device_index))
-                _check_rt(cudart.cudaFree(0))  # makes the primary context current on this thread
-                result = fn(*args)
+                result = self._with_context(fn, args)
             if result[0] != self._calls.ok:
                 raise self._calls.error(result[0])
         return result
 
     def _done(self, event) -> bool:
         err = self._calls.query(event)[0]
+        if err == self._calls.invalid_context:
+            err = self._with_context(self._calls.query, (event,))[0]
         if err == self._calls.not_ready:
             return False
         if err != self._calls.ok:
-            self._run(self._calls.query, event)  # raises, or retries after making the context current
+            raise self._calls.error(err)
         return True
+
+    def _with_context(self, fn, args):
+        """``fn(*args)`` again on a thread where no CUDA context was current (the driver API needs one; the runtime
+        makes torch's current lazily): the device's primary context is made current first, once per thread."""
+        _check_rt(cudart.cudaSetDevice(self._device_index))
+        _check_rt(cudart.cudaFree(0))
+        return fn(*args)
 
     def bind(self, pool: torch.Tensor, store) -> None:
         """The cache pool ``[num_slots, slot_bytes]`` copies go into, and the host tier they come from."""
