@@ -78,15 +78,19 @@ class ViewSampler:
         self.router, self.samples, self.stop = router, [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _sample(self) -> bool:
         host = self.router.router.hosts[0]
+        view = host.pool
+        try:
+            self.samples.append((None if view.warm is None else view.warm_on(host.pool_device),
+                                 self.router.router.manager.pool_pending(view, host.pool_device)))
+            return True
+        except RuntimeError:  # the router's loop changed a dict while this thread read it: next time
+            return False
+
+    def _run(self):
         while not self.stop.is_set():
-            view = host.pool
-            try:
-                self.samples.append((None if view.warm is None else view.warm_on(host.pool_device),
-                                     self.router.router.manager.pool_pending(view, host.pool_device)))
-            except RuntimeError:  # the router's loop changed a dict while this thread read it: next time
-                pass
+            self._sample()
             time.sleep(0.05)
 
     def __enter__(self):
@@ -96,6 +100,10 @@ class ViewSampler:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(5)
+        # the view the caller waited for may have come after the thread's last sample (it sleeps 50 ms between
+        # samples): one more, so the samples end with the state the caller saw
+        while not self._sample():
+            time.sleep(0.01)
 
 
 def router_pool_view(router) -> dict:
