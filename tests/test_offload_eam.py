@@ -181,3 +181,36 @@ def test_prefetch_order_skips_resident_experts_and_keeps_the_head():
     assert p.prefetch_order(0, exclude=resident) == [(1, 0), (1, 2), (1, 3)]
     assert p.prefetch_order(0, exclude=resident, limit=2) == [(1, 0), (1, 2)]
     assert p.prefetch_order(0, limit=10) == full
+
+
+def test_lookahead_refined_prediction_replaces_only_the_next_layer_row():
+    from tritonmoe.backend.offload.eviction import ActivationAwareEviction
+    from tritonmoe.backend.offload.prefetch import LookaheadRefinedPrediction
+
+    c = EAMCollection(4, L, E)
+    c.add(eam(decode=one_hot_rows([0, 1, 2, 3], 3)))
+    p = ActivationPredictor(c, top_matches=1)
+    running = np.zeros((L, E), dtype=np.int64)
+    p.begin_forward([running], "decode")
+    running[0, 0] = 1
+    p.observe(0)
+    base = p.prediction.copy()
+    refined = LookaheadRefinedPrediction(p)
+    eviction = ActivationAwareEviction(refined)
+    assert refined.prediction is p.prediction  # nothing refined yet: the predictor's own array
+    before = eviction.table().copy()
+
+    refined.refine(1, np.array([0, 0, 3, 1]))  # a bincount: shorter than E when the top experts go unpicked
+    got = refined.prediction
+    assert np.allclose(got[1], [0, 0, .75, .25, 0])
+    assert np.array_equal(np.delete(got, 1, axis=0), np.delete(base, 1, axis=0))
+    assert np.array_equal(p.prediction, base)  # the predictor's array is not written
+    after = eviction.table()  # eviction sees the refinement: layer 1's picked experts outrank its predicted one
+    assert after[1, 2] > after[1, 1] and before[1, 1] > before[1, 2]
+    assert np.array_equal(np.delete(after, 1, axis=0), np.delete(before, 1, axis=0))
+
+    refined.refine(2, np.array([0, 0, 0, 0, 2]))  # the next layer's picks replace the last ones
+    assert np.array_equal(refined.prediction[1], base[1]) and np.allclose(refined.prediction[2], [0, 0, 0, 0, 1])
+    refined.begin_forward()  # a new forward starts from the predictor's prediction again
+    assert np.array_equal(refined.prediction, base)
+    assert np.array_equal(eviction.table(), before)

@@ -40,7 +40,6 @@ from tritonmoe.backend.offload.eam import EAMCollection
 from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
-from tritonmoe.backend.offload.prefetch import RouterLookaheadPrefetch
 from tritonmoe.tools.train_routing import Traces
 
 POLICIES = {  # name -> (eviction, prefetch)
@@ -413,11 +412,10 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                 cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                     eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                 off = attach_offloading(model, cfg, device=device, host_store=store)
-                if prefetch == "lookahead":
-                    off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i)
-                                                                   for i in range(len(modules))])
+                if "lookahead" in prefetch:
+                    off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(len(modules))])
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                 prefetch == "lookahead", warmup_tokens=args.warmup_tokens)
+                                 "lookahead" in prefetch, warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
                            **_summary(r, slot_bytes))
@@ -696,9 +694,9 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                         eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                     off = attach_offloading(model, cfg, device=device, host_store=store)
-                    lookahead = prefetch == "lookahead"
+                    lookahead = "lookahead" in prefetch
                     if lookahead:
-                        off.prefetch_policy = RouterLookaheadPrefetch([LookaheadReplay(feed, i) for i in range(L)])
+                        off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(L)])
                     off.set_prefetch_window(window)  # what the full-size experts get, not the tiny ones
                     r = _drive_offloader(off, modules, feed, traces, groups, args, lookahead, H, dtype, device)
                     off.close()

@@ -65,7 +65,7 @@ class OffloadConfig:
 
     cache_budget: str = "25%"
     eviction: str = "activation"
-    prefetch: str = "activation"
+    prefetch: str = "lookahead"
     eamc_capacity: int = 120
     eamc_path: str | None = None
     eamc_top_matches: int = 4

@@ -29,7 +29,8 @@ from .experts_forward import (EXPERTS_IMPLEMENTATION, HANDLE_ATTR, register_expe
                               weighted_pair_outputs)
 from .host_store import HostExpertStore
 from .layout import ExpertLayout
-from .prefetch import ActivationPrefetch, NoPrefetch, PrefetchQueue, RouterLookaheadPrefetch
+from .prefetch import (ActivationPrefetch, LookaheadRefinedPrediction, NoPrefetch, PrefetchQueue,
+                       RouterLookaheadPrefetch)
 from .stats import OffloadStats
 
 # Prefetch copies issued ahead of need: enough to keep the copy engine busy between two MoE layers (~1 ms of
@@ -62,17 +63,20 @@ class Offloader:
                      if config.eamc_path else EAMCollection(config.eamc_capacity, num_layers, num_experts))
         self.predictor = (ActivationPredictor(self.eamc, config.eamc_top_matches)
                           if config.uses_activation_prediction else None)
+        # activation-aware eviction beside the lookahead prefetch: the lookahead's picks refine what eviction reads
+        self.refined = (LookaheadRefinedPrediction(self.predictor)
+                        if config.eviction == "activation" and config.prefetch == "lookahead" else None)
         self._stats = OffloadStats(num_layers)
         engine = make_copy_engine(device, self.num_slots, self._stats)
-        eviction = make_eviction_policy(config.eviction, self.predictor)
+        eviction = make_eviction_policy(config.eviction, self.refined or self.predictor)
         self.cache = ExpertCache(store, self.num_slots, device, eviction, engine, self._stats)
         window = max(2, PREFETCH_WINDOW_BYTES // store.layout.slot_bytes)
+        # a layer issues at most ~2 windows (one pump per round, one at its end) before the next replans
+        limit = min(self.num_slots, 4 * window)
         if config.prefetch == "activation":
-            # a layer issues at most ~2 windows (one pump per round, one at its end) before the next replans
-            self.prefetch_policy = ActivationPrefetch(self.predictor, self.cache.resident_mask,
-                                                      limit=min(self.num_slots, 4 * window))
+            self.prefetch_policy = ActivationPrefetch(self.predictor, self.cache.resident_mask, limit=limit)
         elif config.prefetch == "lookahead":
-            self.prefetch_policy = RouterLookaheadPrefetch(routers)
+            self.prefetch_policy = RouterLookaheadPrefetch(routers, self.refined)
         else:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
@@ -93,6 +97,13 @@ class Offloader:
         if isinstance(self.prefetch_policy, ActivationPrefetch):
             self.prefetch_policy._limit = min(self.num_slots, 4 * self.prefetch_queue._window)
 
+    def set_lookahead_routers(self, routers: list) -> None:
+        """The routers a lookahead prefetch applies (``routers[i]``: MoE layer ``i``'s); benchmarks replaying
+        recorded routing put replays of the lookahead's picks here."""
+        if not isinstance(self.prefetch_policy, RouterLookaheadPrefetch):
+            raise ValueError(f"prefetch policy {self.config.prefetch!r} applies no routers")
+        self.prefetch_policy.routers = list(routers)
+
     # ---- the engine's interface -------------------------------------------------------------------------------
     def begin_forward(self, seq_ids: list[str], phase: str, resumed: list[int] | None = None) -> None:
         """Before each model forward: row ``r`` of it belongs to ``seq_ids[r // (rows / len(seq_ids))]``.
@@ -111,6 +122,8 @@ class Offloader:
         eams = self.tracer.begin_forward(list(seq_ids), phase, resumed=self._resumed is not None)
         if self.predictor is not None:
             self.predictor.begin_forward(eams, phase)
+        if self.refined is not None:
+            self.refined.begin_forward()
 
     def end_sequence(self, seq_id: str) -> None:
         """A request finished or was cancelled: its EAM joins the EAMC."""
