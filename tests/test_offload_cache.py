@@ -130,6 +130,20 @@ def test_activation_aware_evicts_lowest_predicted_score():
     assert (0, 0) not in cache and (1, 2) in cache and (2, 5) in cache
 
 
+def test_activation_aware_without_the_depth_factor_ranks_layers_alike():
+    from tritonmoe.backend.offload.eviction import ActivationAwareEviction
+
+    predictor = FakePredictor()
+    predictor.prediction[:] = 1.0
+    weighted, flat = ActivationAwareEviction(predictor), ActivationAwareEviction(predictor, depth_weighted=False)
+    layers, experts = np.array([0, 3]), np.array([1, 1])
+    w, f = weighted.values(layers, experts), flat.values(layers, experts)
+    assert w[0] > w[1]  # the paper's (1 - i/L): the early layer is kept
+    assert f[0] == f[1] and np.isclose(f[0], w[0])  # flat: p / row sum alone, as layer 0's weighted score
+    predictor.prediction[3, 1] = 4.0  # now the late layer's expert is the likelier one
+    assert flat.values(layers, experts)[1] > flat.values(layers, experts)[0]
+
+
 def test_activation_aware_admission_refuses_prefetch_below_residents():
     predictor = FakePredictor()
     cache, _, stats = make_cache(2, "activation", predictor)

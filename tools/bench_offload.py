@@ -12,7 +12,10 @@ replay of a trace recorded from a small MoE of the same layer x expert x top-k s
 Policies (one engine, ``backend/offload``): ``activation`` (MoE-Infinity: activation-aware eviction and EAMC
 prefetch, the EAMC filled from the trace file's held-out ``eamc`` requests, never from the replayed ``eval``
 ones), ``lru`` (on-demand, no prefetch), ``lfu`` (on-demand), ``lookahead`` (LRU eviction, next layer's router
-applied to this layer's expert input -- replayed from the small model, where it was computed for real).
+applied to this layer's expert input -- replayed from the small model, where it was computed for real),
+``activation+lookahead`` (the serving default: activation-aware eviction on the lookahead-refined prediction,
+lookahead prefetch), ``lfu+lookahead``, ``activation_flat+lookahead`` (the default without the eviction score's
+``(1 - i/L)`` factor).
 Baselines: ``resident`` (all experts on the GPU, stock ``grouped_mm``), ``accelerate`` (HF Accelerate
 ``dispatch_model`` CPU offload of whole experts modules at the same budget, on a reduced layer count, scaled).
 
@@ -50,7 +53,11 @@ POLICIES = {  # name -> (eviction, prefetch)
     # the same engine with a baseline's eviction and the lookahead prefetch: which half of a policy decides
     "lfu+lookahead": ("lfu", "lookahead"),
     "activation+lookahead": ("activation", "lookahead"),
+    # the default without the activation score's (1 - i/L) depth factor (an ActivationAwareEviction argument, not a
+    # serving parameter): more hits at batch 8 in the decision replay; does it pay in TPOT?
+    "activation_flat+lookahead": ("activation", "lookahead"),
 }
+FLAT = {"activation_flat+lookahead"}
 
 
 def make_config(shape: str, layers: int | None = None, small: bool = False):
@@ -412,6 +419,8 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                 cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                     eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                 off = attach_offloading(model, cfg, device=device, host_store=store)
+                if policy in FLAT:  # (before the eviction's first table)
+                    off.cache.eviction.depth_weighted = False
                 if "lookahead" in prefetch:
                     off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(len(modules))])
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
@@ -694,6 +703,8 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                                         eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
                     off = attach_offloading(model, cfg, device=device, host_store=store)
+                    if policy in FLAT:
+                        off.cache.eviction.depth_weighted = False
                     lookahead = "lookahead" in prefetch
                     if lookahead:
                         off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(L)])

@@ -113,8 +113,11 @@ class ActivationAwareEviction:
     TABLES_KEPT = 128  # eviction tables kept with read-only predictions (each L x E float64)
     always_admits = False
 
-    def __init__(self, predictor):
+    def __init__(self, predictor, depth_weighted: bool = True):
         self._predictor = predictor
+        # False: drop the (1 - i/L) factor -- only the benchmark's `activation_flat+lookahead` row, which asks
+        # whether the factor pays for the hit rate it costs at large batches (docs/offloading.md)
+        self.depth_weighted = depth_weighted
         self._table = None  # (prediction array, its version, [L, E] scores)
         self._kept: dict[int, tuple] = {}  # id -> (read-only prediction, its scores)
         self._depth = None  # [L, 1]: 1 - i/L
@@ -137,7 +140,8 @@ class ActivationAwareEviction:
                 return kept[1]
         num_layers, num_experts = p.shape
         if self._depth is None or len(self._depth) != num_layers:
-            self._depth = (1.0 - np.arange(num_layers) / num_layers)[:, None]
+            self._depth = ((1.0 - np.arange(num_layers) / num_layers) if self.depth_weighted
+                           else np.ones(num_layers))[:, None]
         # eps on every cell keeps the score defined (and uniform within a layer) when a layer has no prediction
         row_sum = p.sum(axis=1, keepdims=True) + num_experts * self.EPS
         table = p + self.EPS  # (p + eps) / row_sum * (1 - i/L), in place: the same roundings, fewer arrays
