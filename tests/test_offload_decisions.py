@@ -84,9 +84,11 @@ def clustered_routing(requests: int, layers: int, experts: int, top_k: int, toke
     return out
 
 
-def drive(module, modules, store, routers, cfg: OffloadConfig, routing, groups, prompt_len, hidden, in_flight):
+def drive(module, modules, store, routers, cfg: OffloadConfig, routing, groups, prompt_len, hidden, in_flight,
+          feed: dict | None = None, check=None):
     """Run ``groups`` (lists of request indices; each group prefills, decodes, finishes) through an offloader of
-    ``module``; returns what it decided."""
+    ``module``; returns what it decided. ``feed``: filled with each forward's routing per layer before each layer
+    runs (for :class:`OracleRouter`); ``check(off, layer, next_layer_picks)`` runs after each layer."""
     off = module.Offloader(cfg, store, torch.device("cpu"), routers)
     off.set_prefetch_window(3)
     engine = RecordingEngine(off.cache.engine, in_flight)
@@ -105,10 +107,15 @@ def drive(module, modules, store, routers, cfg: OffloadConfig, routing, groups, 
                 rows = span.stop - span.start
                 x = torch.randn(B * rows, hidden, generator=gen)
                 w = torch.rand(B * rows, k, generator=gen)
+                now = {i: torch.as_tensor(routing[group, i, span].reshape(B * rows, k)) for i in range(L)}
                 for layer in range(L):
-                    idx = torch.as_tensor(routing[group, layer, span].reshape(B * rows, k))
-                    outputs.append(off.run_experts(layer, modules[layer], x, idx, w))
+                    if feed is not None:
+                        feed.clear()
+                        feed.update(now)
+                    outputs.append(off.run_experts(layer, modules[layer], x, now[layer], w))
                     plans.append((off.prefetch_queue._layers.tolist(), off.prefetch_queue._experts.tolist()))
+                    if check is not None:
+                        check(off, layer, now.get(layer + 1))
             for s in seq_ids:
                 off.end_sequence(s)
     stats = off.stats()
@@ -199,34 +206,12 @@ class OracleRouter(torch.nn.Module):
         return None, None, self.feed[self.layer]
 
 
-def drive_with_oracle(module, modules, store, cfg, routing, groups, prompt_len, hidden, check=None):
-    """Like :func:`drive`, the lookahead's routers returning the true picks of the next layer; ``check(off, layer,
-    picks)`` runs after each layer."""
-    L, k = routing.shape[1], routing.shape[3]
+def drive_with_oracle(module, modules, store, cfg, routing, groups, prompt_len, hidden, check=None) -> dict:
+    """:func:`drive` with a lookahead that sees the true routing of the next layer; returns the statistics."""
     feed: dict = {}
-    off = module.Offloader(cfg, store, torch.device("cpu"), [OracleRouter(feed, i) for i in range(L)])
-    off.set_prefetch_window(3)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for gi, group in enumerate(groups):
-            seq_ids = [f"g{gi}r{r}" for r in group]
-            B = len(group)
-            spans = [("prefill", slice(0, prompt_len))] + [("decode", slice(t, t + 1))
-                                                            for t in range(prompt_len, routing.shape[2])]
-            for phase, span in spans:
-                off.begin_forward(seq_ids, phase)
-                rows = span.stop - span.start
-                x = torch.randn(B * rows, hidden, generator=gen)
-                w = torch.rand(B * rows, k, generator=gen)
-                for layer in range(L):
-                    feed.clear()
-                    feed.update({i: torch.as_tensor(routing[group, i, span].reshape(B * rows, k)) for i in range(L)})
-                    off.run_experts(layer, modules[layer], x, feed[layer], w)
-                    if check is not None:
-                        check(off, layer, feed.get(layer + 1))
-            for s in seq_ids:
-                off.end_sequence(s)
-    return off.stats()
+    routers = [OracleRouter(feed, i) for i in range(routing.shape[1])]
+    return drive(module, modules, store, routers, cfg, routing, groups, prompt_len, hidden, "none", feed=feed,
+                 check=check)["stats"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
