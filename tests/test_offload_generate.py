@@ -250,3 +250,23 @@ def test_compact_banks_gathered_from_scattered_slots(checkpoints, expected, monk
     assert torch.equal(greedy(model, *left_padded([PROMPTS[0]]), offloader, ["r0"]), singles[0])
     assert torch.equal(greedy(model, *left_padded(PROMPTS), offloader, ["b0", "b1", "b2"]), batch)
     assert sum(calls) >= 3  # the compact path ran (contiguous slots keep the plain bank)
+
+
+def test_lookahead_without_a_findable_router_is_a_clear_error(checkpoints):
+    """The default prefetch applies the next block's router; a model whose blocks keep it elsewhere is refused at
+    attach time with what to set instead, and attaches with a prefetch that needs no router."""
+    from tritonmoe.backend.offload import attach_offloading
+
+    def model_with_hidden_routers():
+        model = AutoModelForCausalLM.from_pretrained(checkpoints["mixtral"],
+                                                     experts_implementation=EXPERTS_IMPLEMENTATION)
+        for layer in model.model.layers:
+            block = layer.mlp
+            block.renamed_router = block.gate
+            del block.gate
+        return model
+
+    with pytest.raises(ValueError, match="expert_prefetch to 'activation' or 'none'"):
+        attach_offloading(model_with_hidden_routers(), OffloadConfig(), device="cpu")
+    offloader = attach_offloading(model_with_hidden_routers(), OffloadConfig(prefetch="none"), device="cpu")
+    assert offloader.num_slots > 0

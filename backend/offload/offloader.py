@@ -296,7 +296,9 @@ def attach_offloading(model: torch.nn.Module, config: OffloadConfig, device: str
     blocks = [model.get_submodule(name.rpartition(".")[0]) for name, _ in named]
     routers = [getattr(b, "gate", None) or getattr(b, "router", None) for b in blocks]  # GPT-OSS: `.router`
     if config.prefetch == "lookahead" and any(r is None for r in routers):
-        raise ValueError("router-lookahead prefetching needs each MoE block's router at `.gate` or `.router`")
+        raise ValueError("router-lookahead prefetching (expert_prefetch: lookahead, the default) needs each MoE "
+                         f"block's router at `.gate` or `.router`, which {type(model).__name__} does not have; set "
+                         "expert_prefetch to 'activation' or 'none'")
     offloader = Offloader(config, host_store, device, routers)
     for i, m in enumerate(modules):
         setattr(m, HANDLE_ATTR, (offloader, i))
