@@ -123,7 +123,9 @@ def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_pa
     out = tmp_path / "host.json"
     bench_offload.main(["--host-time", "--device", "cpu", "--shape", shape, "--traces", str(t.path),
                         "--new-tokens", "3", "--warmup-tokens", "1", "--budgets", "25", "--batch", "1", "2",
-                        "--groups-b1", "1", "--eamc-capacity", "8", "--out", str(out)])
+                        "--groups-b1", "1", "--eamc-capacity", "8", "--out", str(out),
+                        "--plot-prefix", str(tmp_path / "replay")])
+    assert (tmp_path / "replay_decisions.png").stat().st_size > 10_000  # the hit-rate bars
     results = json.load(open(out))["results"]
     assert {(r["policy"], r["batch"]) for r in results} == {(p, b) for p in bench_offload.POLICIES for b in (1, 2)}
     for r in results:

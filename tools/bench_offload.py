@@ -611,6 +611,45 @@ def plot(results: list[dict], prefix: str) -> list[str]:
     return paths
 
 
+def plot_decisions(results: list[dict], path: str) -> str:
+    """``--host-time`` results as grouped bars: decode hit rate per policy, one panel per shape and batch, one
+    group per budget; prefetch precision printed on each bar that prefetches. Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["shape"], r["batch"]) for r in results})
+    policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
+    width = 0.8 / max(1, len(policies))
+    for ax, (shape, batch) in zip(axes.ravel(), panels):
+        rs = {(r["policy"], r["budget_pct"]): r for r in results if (r["shape"], r["batch"]) == (shape, batch)}
+        budgets = sorted({b for _, b in rs})
+        for i, policy in enumerate(policies):
+            xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(budgets))]
+            cells = [rs.get((policy, b)) for b in budgets]
+            bars = ax.bar(xs, [c["decode_hit_rate"] if c else 0 for c in cells], width, label=policy)
+            for bar, c in zip(bars, cells):
+                if c and c.get("decode_prefetches_per_step"):
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
+                            f"{c['decode_prefetch_precision']:.2f}", ha="center", fontsize=6, rotation=90)
+        ax.set_xticks(range(len(budgets)), [f"{b}%" for b in budgets])
+        ax.set_ylim(0, 1.08)
+        ax.set_title(f"{shape}, batch {batch}: decode hit rate (prefetch precision above)", fontsize=10)
+        ax.set_xlabel("GPU expert budget (% of routed experts)")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    axes.ravel()[min(1, len(panels) - 1)].legend(fontsize=8, loc="upper left")  # batch 8: room above its bars
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def merge(paths: list[str], out: str, plot_prefix: str | None) -> int:
     runs = [json.load(open(p)) for p in paths]
     results = [r for run in runs for r in run["results"]]
@@ -889,6 +928,8 @@ def _main_host_time(a, argv) -> int:
         results = done + host_time(argparse.Namespace(**{**vars(a), "shape": shape}), traces, log,
                                    save=lambda rs: save(done + rs))
         save(results)
+    if a.plot_prefix and results:
+        log("plot: " + plot_decisions(results, f"{a.plot_prefix}_decisions.png"))
     return 0
 
 
@@ -914,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerate-budgets", type=int, nargs="+", default=[25])
     p.add_argument("--accelerate-tokens", type=int, default=8)
     p.add_argument("--out", default="runs/bench_offload.json")
-    p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload")
+    p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload (--host-time: "
+                   "<prefix>_decisions.png, hit rates per policy)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files (later ones add to earlier), "
                    "recompute bounds and ratios, write --out, print the table, plot; no benchmark is run")
     p.add_argument("--host-time", action="store_true",
