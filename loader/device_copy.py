@@ -44,6 +44,16 @@ def _clear_last_error() -> None:
         pass
 
 
+def _side_stream_after_allocations(device: torch.device) -> torch.cuda.Stream:
+    """A new stream for the copies, ordered after the work already queued on the current stream. The destination
+    buffers come from the caching allocator on the current stream, which hands out memory freed there as soon as
+    the freeing is *queued*: kernels still pending on that stream may read or write it. Writes from another stream
+    must wait for them (a process that loads one model while another one runs, e.g. an engine-pool worker)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
 class PinnedRegistry:
     """Page-locked (registered) host ranges, unregistered on :meth:`close`. Thread-safe."""
 
@@ -100,7 +110,7 @@ def copy_spans_to_device(spans: list[tuple[torch.Tensor, int, int]], device: tor
     for i, (base, start, end) in enumerate(spans):
         for g in range(start // chunk_bytes * chunk_bytes, end, chunk_bytes):
             chunks.append((i, max(start, g), min(end, g + chunk_bytes), g, min(chunk_bytes, base.numel() - g)))
-    stream = torch.cuda.Stream(device)
+    stream = _side_stream_after_allocations(device)
     staging: StagingRing | None = None
     try:
         with ThreadPoolExecutor(register_threads, thread_name_prefix="tritonmoe-pin") as pool:
@@ -187,7 +197,7 @@ def stream_reader_to_device(reader, device: torch.device | str, *, chunk_bytes: 
     jobs = sorted(((partition, offset + start, dst[start:start + chunk_bytes])
                    for partition, offset, dst in reads for start in range(0, dst.numel(), chunk_bytes)),
                   key=lambda job: job[:2])
-    stream = torch.cuda.Stream(device)
+    stream = _side_stream_after_allocations(device)
     ring = StagingRing(device, chunk_bytes, slots, stream)
     views = [memoryview(b.numpy()).cast("B") for b in ring.buffers]  # pinned, page-aligned: O_DIRECT works
     pool = reader._pool

@@ -29,13 +29,30 @@ def _store(seed: int) -> HostExpertStore:
 
 
 def run_workload(monkeypatch, seed: int, api: str, num_slots: int, steps: int = 400, gpu_speed: int = 6,
-                 eviction=LRUEviction, prefetch: bool = True, drop_waits: bool = False) -> tuple[Sim, list[str]]:
+                 eviction=LRUEviction, prefetch: bool = True, drop_waits: bool = False,
+                 stale_write: str | None = None) -> tuple[Sim, list[str]]:
+    """``stale_write``: a compute-stream kernel that zeroes the cache pool, queued "before" the engine is bound to
+    it (the pool's memory was freed by work still pending there: what the caching allocator allows) or "after"
+    (a write nothing orders the copies against: what the check must catch)."""
     sim = Sim(seed)
     if drop_waits:  # the engine's stream waits do nothing: what the check must catch
         sim.wait = lambda stream, event, flags=0: (0,)
     module = install(monkeypatch, sim)
     stats = OffloadStats(LAYERS)
     engine = engine_on(module, sim, monkeypatch, num_slots, stats, api=api)
+    if stale_write is not None:
+        bind = engine.bind
+
+        def bind_beside_a_stale_write(pool, store):
+            if stale_write == "after":
+                bind(pool, store)
+            for _ in range(8):  # the previous owner's kernels: the stale write comes late
+                sim.kernel(lambda: None)
+            sim.kernel(lambda: pool.zero_())
+            if stale_write == "before":
+                bind(pool, store)
+
+        engine.bind = bind_beside_a_stale_write
     store = _store(seed)
     cache = ExpertCache(store, num_slots, torch.device("cpu"), eviction(), engine, stats)
     rng = np.random.default_rng(seed)
@@ -88,3 +105,15 @@ def test_the_simulation_catches_a_missing_wait(monkeypatch):
     stream (the ready events) and kernels read the wrong bytes."""
     assert any(run_workload(monkeypatch, seed, "driver", 4, steps=200, gpu_speed=3, drop_waits=True)[1]
                for seed in range(4))
+
+
+@pytest.mark.parametrize("api", ["driver", "runtime"])
+def test_copies_wait_for_work_queued_before_the_pool_was_bound(monkeypatch, api):
+    """The pool's memory may still be written by kernels pending on the compute stream when the cache takes it;
+    the copy streams (non-blocking) wait for those once, at bind: no kernel reads the stale write's zeros."""
+    for seed in range(6):
+        _, errors = run_workload(monkeypatch, seed, api, 6, steps=60, gpu_speed=1, stale_write="before")
+        assert not errors, errors[:5]
+    # the check can fail: a write queued after the bind is ordered against nothing, and kernels read its zeros
+    assert any(run_workload(monkeypatch, seed, api, 6, steps=60, gpu_speed=1, stale_write="after")[1]
+               for seed in range(6))

@@ -160,8 +160,16 @@ class CudaCopyEngine:
         with torch.cuda.device(self._device_index):
             self._released = [_check_rt(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
                               for _ in range(store.num_layers)]
+            allocated = _check_rt(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
         self._released_gen = [0] * store.num_layers
         self._waited = ([-1] * store.num_layers, [-1] * store.num_layers)
+        # The pool came from torch's caching allocator on the current stream, which reuses memory as soon as its
+        # freeing is queued there: kernels still pending on that stream may touch it. The copy streams do not
+        # synchronise with it (non-blocking), so they wait once for everything queued on it so far.
+        self._run(self._calls.record, allocated, self._compute_stream())
+        for stream in self._streams:
+            self._run(self._calls.wait, stream, allocated, 0)
+        self._bound_event = allocated  # destroyed in close()
 
     def _compute_stream(self):
         raw = self._raw_stream(self._device_index)
@@ -266,9 +274,10 @@ class CudaCopyEngine:
             _check_rt(cudart.cudaStreamSynchronize(stream))
         torch.cuda.current_stream(self._device_index).synchronize()
         self.collect()
-        events = self._ready + self._released + [e for pair in self._free_timers for e in pair]
+        events = (self._ready + self._released + [e for pair in self._free_timers for e in pair]
+                  + [e for e in [getattr(self, "_bound_event", None)] if e is not None])
         for event in events:
             _check_rt(cudart.cudaEventDestroy(event))
         for stream in self._rt_streams:
             _check_rt(cudart.cudaStreamDestroy(stream))
-        self._ready, self._released, self._free_timers = [], [], []
+        self._ready, self._released, self._free_timers, self._bound_event = [], [], [], None
