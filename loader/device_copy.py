@@ -48,7 +48,7 @@ def _side_stream_after_allocations(device: torch.device) -> torch.cuda.Stream:
     """A new stream for the copies, ordered after the work already queued on the current stream. The destination
     buffers come from the caching allocator on the current stream, which hands out memory freed there as soon as
     the freeing is *queued*: kernels still pending on that stream may read or write it. Writes from another stream
-    must wait for them (a process that loads one model while another one runs, e.g. an engine-pool worker)."""
+    must wait for them."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     return stream
