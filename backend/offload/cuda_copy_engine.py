@@ -116,6 +116,7 @@ class CudaCopyEngine:
         self._issued = 0  # copies issued so far (numbers them)
         self._issued_at_last_wait = 0
         self._free_timers: list[tuple] = []
+        self._bound_event = None  # recorded on the compute stream at bind(); the copy streams wait for it once
         self._pending_timers: deque[tuple[int, object, object]] = deque()  # (layer, start, end)
 
     def _run(self, fn, *args):
@@ -275,7 +276,7 @@ class CudaCopyEngine:
         torch.cuda.current_stream(self._device_index).synchronize()
         self.collect()
         events = (self._ready + self._released + [e for pair in self._free_timers for e in pair]
-                  + [e for e in [getattr(self, "_bound_event", None)] if e is not None])
+                  + ([self._bound_event] if self._bound_event is not None else []))
         for event in events:
             _check_rt(cudart.cudaEventDestroy(event))
         for stream in self._rt_streams:
