@@ -102,9 +102,15 @@ def test_benchmark_harness_replays_traces_through_every_policy(traces, tmp_path,
         assert 0.0 <= r["decode_hit_rate"] <= 1.0
         if r["policy"] == "resident":
             assert r["decode_uses_per_step"] == 0 and r["decode_demand_bytes_per_step"] == 0
+            assert r["decode_hit_rate_per_layer"] == []
         else:
             # a decode step of B rows uses between top-k and B x top-k experts per layer
             assert cfg.top_k * cfg.layers <= r["decode_uses_per_step"] <= r["batch"] * cfg.top_k * cfg.layers
+            # per layer: the overall rate is their (use-weighted) mean; stalls per step sum to the total
+            per_layer = r["decode_hit_rate_per_layer"]
+            assert len(per_layer) == len(r["decode_stall_ms_per_layer"]) == cfg.layers
+            assert min(per_layer) - 1e-4 <= r["decode_hit_rate"] <= max(per_layer) + 1e-4
+            assert sum(r["decode_stall_ms_per_layer"]) == pytest.approx(1e3 * r["decode_stall_s_per_step"], abs=1e-2)
         if r["policy"] in ("lru", "lfu"):
             assert r["decode_prefetch_bytes_per_step"] == 0 and r["decode_prefetch_precision"] == 0.0
         if r["policy"] == "activation":
@@ -130,6 +136,8 @@ def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_pa
     assert {(r["policy"], r["batch"]) for r in results} == {(p, b) for p in bench_offload.POLICIES for b in (1, 2)}
     for r in results:
         assert r["decode_steps"] == 3 and r["layers"] == cfg.layers and r["top_k"] == cfg.top_k
+        per_layer = r["decode_hit_rate_per_layer"]
+        assert len(per_layer) == cfg.layers and min(per_layer) - 1e-4 <= r["decode_hit_rate"] <= max(per_layer) + 1e-4
         assert r["host_ms_per_token"] > 0 and r["host_ms_per_layer"] == pytest.approx(r["host_ms_per_token"] / cfg.layers)
         assert r["wall_ms_per_token"] >= r["host_ms_per_token"] and 0.0 <= r["decode_hit_rate"] <= 1.0
         assert cfg.top_k <= r["decode_uses_per_step"] / cfg.layers <= r["batch"] * cfg.top_k

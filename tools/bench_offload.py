@@ -236,15 +236,29 @@ _TOTALS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetche
            "prefetch_bytes", "stall_s", "host_s")
 
 
+_PER_LAYER = ("uses", "hits", "stall_s")  # also kept per MoE layer: where the misses and the stalls are
+_KEYS = _TOTALS + tuple(f"{k}_per_layer" for k in _PER_LAYER)
+
+
 def _snap(offloader) -> dict:
     if offloader is None:
-        return {k: 0 for k in _TOTALS}
+        return {k: 0 for k in _KEYS}
     s = offloader.stats()
-    return {k: s[k] for k in _TOTALS}
+    return {**{k: s[k] for k in _TOTALS}, **{f"{k}_per_layer": np.array(s["per_layer"][k]) for k in _PER_LAYER}}
 
 
 def _delta(a: dict, b: dict) -> dict:
-    return {k: b[k] - a[k] for k in _TOTALS}
+    return {k: b[k] - a[k] for k in _KEYS}
+
+
+def _per_layer(d: dict, steps: int) -> dict:
+    """Decode hit rate and stall per step of each MoE layer (empty lists without an offloader)."""
+    uses, hits = np.asarray(d["uses_per_layer"]), np.asarray(d["hits_per_layer"])
+    if not uses.ndim:
+        return {"decode_hit_rate_per_layer": [], "decode_stall_ms_per_layer": []}
+    rate = np.divide(hits, uses, out=np.zeros(len(uses)), where=uses > 0)
+    return {"decode_hit_rate_per_layer": np.round(rate, 4).tolist(),
+            "decode_stall_ms_per_layer": np.round(1e3 * np.asarray(d["stall_s_per_layer"]) / steps, 4).tolist()}
 
 
 def _rates(d: dict) -> dict:
@@ -266,7 +280,7 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
     P = traces.prompt_len
     k = traces.top_k
     ttft, steps = [], []
-    phase_stats = {"prefill": {key: 0 for key in _TOTALS}, "decode": {key: 0 for key in _TOTALS}}
+    phase_stats = {"prefill": {key: 0 for key in _KEYS}, "decode": {key: 0 for key in _KEYS}}
     vocab = model.config.vocab_size
     for gi, group in enumerate(groups):
         B = len(group)
@@ -509,6 +523,7 @@ def _summary(r: dict, slot_bytes: int) -> dict:
     d["decode_prefetch_bytes_per_step"] = dec["prefetch_bytes"] / steps
     d["decode_stall_s_per_step"] = dec["stall_s"] / steps
     d["decode_host_s_per_step"] = dec["host_s"] / steps  # offloader CPU time after each layer's routing read-back
+    d.update(_per_layer(dec, steps))
     d["prefill_demand_bytes"] = pre["demand_bytes"] / max(1, r["groups"])
     d["prefill_prefetch_bytes"] = pre["prefetch_bytes"] / max(1, r["groups"])
     return d
@@ -830,7 +845,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
     L, P, k = len(modules), traces.prompt_len, traces.top_k
     gen = torch.Generator(device=device).manual_seed(0)
     host, wall = [], []
-    dec_stats = {key: 0 for key in _TOTALS}
+    dec_stats = {key: 0 for key in _KEYS}
     for gi, group in enumerate(groups):
         B = len(group)
         counted = gi >= args.warmup
@@ -875,7 +890,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
             "wall_ms_per_token": 1e3 * sum(wall) / steps, "decode_steps": len(host),
             **{f"decode_{key}": v for key, v in rates.items()},
             "decode_uses_per_step": dec_stats["uses"] / steps, "decode_misses_per_step": dec_stats["misses"] / steps,
-            "decode_prefetches_per_step": dec_stats["prefetches"] / steps}
+            "decode_prefetches_per_step": dec_stats["prefetches"] / steps, **_per_layer(dec_stats, steps)}
 
 
 def main_host_time(a, argv) -> int:
