@@ -43,6 +43,7 @@ from tritonmoe.backend.offload.eam import EAMCollection
 from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
+from tritonmoe.backend.offload.stats import FIELDS, rates
 from tritonmoe.tools.train_routing import Traces
 
 POLICIES = {  # name -> (eviction, prefetch)
@@ -232,19 +233,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-_TOTALS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted", "demand_bytes",
-           "prefetch_bytes", "stall_s", "host_s")
-
-
 _PER_LAYER = ("uses", "hits", "stall_s")  # also kept per MoE layer: where the misses and the stalls are
-_KEYS = _TOTALS + tuple(f"{k}_per_layer" for k in _PER_LAYER)
+_KEYS = FIELDS + tuple(f"{k}_per_layer" for k in _PER_LAYER)
 
 
 def _snap(offloader) -> dict:
     if offloader is None:
         return {k: 0 for k in _KEYS}
     s = offloader.stats()
-    return {**{k: s[k] for k in _TOTALS}, **{f"{k}_per_layer": np.array(s["per_layer"][k]) for k in _PER_LAYER}}
+    return {**{k: s[k] for k in FIELDS}, **{f"{k}_per_layer": np.array(s["per_layer"][k]) for k in _PER_LAYER}}
 
 
 def _delta(a: dict, b: dict) -> dict:
@@ -261,11 +258,23 @@ def _per_layer(d: dict, steps: int) -> dict:
             "decode_stall_ms_per_layer": np.round(1e3 * np.asarray(d["stall_s_per_layer"]) / steps, 4).tolist()}
 
 
-def _rates(d: dict) -> dict:
-    r = lambda n, m: n / m if m else 0.0  # noqa: E731
-    return {"hit_rate": r(d["hits"], d["uses"]),
-            "prefetch_precision": r(d["prefetches_used"], d["prefetches_used"] + d["prefetches_wasted"]),
-            "prefetch_recall": r(d["prefetches_used"], d["prefetches_used"] + d["misses"])}
+def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, eamc_master: str, bench, model,
+                  modules, store, feed: Feed, device):
+    """Offload ``model``'s experts under benchmark policy ``policy`` at ``budget`` %, its EAMC a fresh copy of the
+    run's collection (each run starts from the same one) and its lookahead, if any, the replayed one. Returns the
+    offloader and whether it looks ahead."""
+    eviction, prefetch = POLICIES[policy]
+    shutil.copy(eamc_master, eamc_path)
+    bench.drop_resident(modules)
+    cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
+                        eamc_capacity=eamc_capacity, eamc_path=eamc_path)
+    off = attach_offloading(model, cfg, device=device, host_store=store)
+    if policy in FLAT:  # (before the eviction's first table)
+        off.cache.eviction.depth_weighted = False
+    lookahead = prefetch == "lookahead"
+    if lookahead:
+        off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(len(modules))])
+    return off, lookahead
 
 
 def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,
@@ -426,19 +435,11 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
             save(results)
         for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
             for policy in [p for p in args.policies if p in POLICIES]:
-                eviction, prefetch = POLICIES[policy]
-                eamc_path = os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy")
-                shutil.copy(eamc_master, eamc_path)  # each run starts from the same collection
-                bench.drop_resident(modules)
-                cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
-                                    eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
-                off = attach_offloading(model, cfg, device=device, host_store=store)
-                if policy in FLAT:  # (before the eviction's first table)
-                    off.cache.eviction.depth_weighted = False
-                if "lookahead" in prefetch:
-                    off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(len(modules))])
+                off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
+                                               os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
+                                               eamc_master, bench, model, modules, store, feed, device)
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                 "lookahead" in prefetch, warmup_tokens=args.warmup_tokens)
+                                 lookahead, warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
                            **_summary(r, slot_bytes))
@@ -515,7 +516,7 @@ def _summary(r: dict, slot_bytes: int) -> dict:
     d = {"ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "tpot_median_s": r["tpot_median_s"],
          "decode_steps": r["decode_steps"], "groups": r["groups"], "wall_s": r["wall_s"]}
     for name, s in (("decode", dec), ("prefill", pre)):
-        for key, v in _rates(s).items():
+        for key, v in rates(s).items():
             d[f"{name}_{key}"] = v
     d["decode_uses_per_step"] = dec["uses"] / steps
     d["decode_misses_per_step"] = dec["misses"] / steps
@@ -750,18 +751,9 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
             groups = groups_for(traces, batch, args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn))
             for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
                 for policy in [p for p in args.policies if p in POLICIES]:
-                    eviction, prefetch = POLICIES[policy]
-                    eamc_path = os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy")
-                    shutil.copy(eamc_master, eamc_path)
-                    bench.drop_resident(modules)
-                    cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
-                                        eamc_capacity=args.eamc_capacity, eamc_path=eamc_path)
-                    off = attach_offloading(model, cfg, device=device, host_store=store)
-                    if policy in FLAT:
-                        off.cache.eviction.depth_weighted = False
-                    lookahead = "lookahead" in prefetch
-                    if lookahead:
-                        off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(L)])
+                    off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
+                                                   os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
+                                                   eamc_master, bench, model, modules, store, feed, device)
                     off.set_prefetch_window(window)  # what the full-size experts get, not the tiny ones
                     r = _drive_offloader(off, modules, feed, traces, groups, args, lookahead, H, dtype, device)
                     off.close()
@@ -882,13 +874,13 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
                     dec_stats[key] += v
         for s in seq_ids:
             off.end_sequence(s)
-    rates = _rates(dec_stats)
+    decode_rates = rates(dec_stats)
     steps = max(1, len(host))
     return {"host_ms_per_token": 1e3 * sum(host) / steps, "host_ms_per_layer": 1e3 * sum(host) / steps / L,
             "host_ms_per_token_median": 1e3 * statistics.median(host) if host else 0.0,
             "host_ms_per_token_p25": 1e3 * float(np.percentile(host, 25)) if host else 0.0,
             "wall_ms_per_token": 1e3 * sum(wall) / steps, "decode_steps": len(host),
-            **{f"decode_{key}": v for key, v in rates.items()},
+            **{f"decode_{key}": v for key, v in decode_rates.items()},
             "decode_uses_per_step": dec_stats["uses"] / steps, "decode_misses_per_step": dec_stats["misses"] / steps,
             "decode_prefetches_per_step": dec_stats["prefetches"] / steps, **_per_layer(dec_stats, steps)}
 

@@ -15,11 +15,8 @@ import sys
 
 import numpy as np
 
+from tritonmoe.backend.offload.stats import rates
 from tritonmoe.backend.offload.trace_file import FIELDS, read_trace
-
-
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else 0.0
 
 
 def summarize(path: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -32,9 +29,7 @@ def summarize(path: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray, np.nd
     tot = {name: float(a.sum()) for name, a in arrays.items()}
     n = max(len(steps), 1)
     totals = {"model": header.get("model", ""), "steps": len(steps), "layers": layers,
-              "uses": int(tot["uses"]), "hit_rate": _ratio(tot["hits"], tot["uses"]),
-              "prefetch_precision": _ratio(tot["prefetches_used"], tot["prefetches_used"] + tot["prefetches_wasted"]),
-              "prefetch_recall": _ratio(tot["prefetches_used"], tot["prefetches_used"] + tot["misses"]),
+              "uses": int(tot["uses"]), **rates(tot),
               "bytes_moved": int(tot["demand_bytes"] + tot["prefetch_bytes"]),
               "stall_ms_per_step": 1e3 * tot["stall_s"] / n, "host_ms_per_step": 1e3 * tot["host_s"] / n,
               "step_ms_mean": 1e3 * float(step_s.mean()) if len(steps) else 0.0}

@@ -8,6 +8,7 @@ import numpy as np
 
 _COUNTERS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted",
              "demand_bytes", "prefetch_bytes")
+FIELDS = _COUNTERS + ("stall_s", "host_s")  # every per-layer quantity :class:`OffloadStats` keeps
 
 
 @dataclass
@@ -46,14 +47,19 @@ class OffloadStats:
         total["host_s"] = float(self.host_s.sum())
         out = dict(total)
         out["bytes_moved"] = total["demand_bytes"] + total["prefetch_bytes"]
-        out["hit_rate"] = _ratio(total["hits"], total["uses"])
-        # precision: of the prefetches whose fate is known (used, or evicted unused), the share that was used
-        out["prefetch_precision"] = _ratio(total["prefetches_used"],
-                                           total["prefetches_used"] + total["prefetches_wasted"])
-        # recall: of the uses that needed a host transfer, the share a prefetch had already brought in
-        out["prefetch_recall"] = _ratio(total["prefetches_used"], total["prefetches_used"] + total["misses"])
+        out.update(rates(total))
         out["per_layer"] = {name: getattr(self, name).tolist() for name in (*_COUNTERS, "stall_s", "host_s")}
         return out
+
+
+def rates(total: dict) -> dict:
+    """Hit rate, prefetch precision and recall of counter totals (any mapping with the counters' names)."""
+    return {"hit_rate": _ratio(total["hits"], total["uses"]),
+            # precision: of the prefetches whose fate is known (used, or evicted unused), the share that was used
+            "prefetch_precision": _ratio(total["prefetches_used"],
+                                         total["prefetches_used"] + total["prefetches_wasted"]),
+            # recall: of the uses that needed a host transfer, the share a prefetch had already brought in
+            "prefetch_recall": _ratio(total["prefetches_used"], total["prefetches_used"] + total["misses"])}
 
 
 def _ratio(num: float, den: float) -> float:

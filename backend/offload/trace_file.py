@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIELDS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted", "demand_bytes",
-          "prefetch_bytes", "stall_s", "host_s")
+from .stats import FIELDS
 
 
 class OffloadTraceWriter:
