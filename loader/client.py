@@ -167,10 +167,9 @@ class ShmCheckpoint:
         self.close()
 
     def close(self) -> None:
-        """Unregister pinned ranges and drop this object's references to the mappings; tensors handed out keep
-        their mapping alive until they are freed."""
+        """Unregister pinned ranges (also done when this object is dropped unclosed) and drop this object's
+        references to the mappings; tensors handed out keep their mapping alive until they are freed."""
         if self._registry is not None:
-            torch.cuda.synchronize()
             self._registry.close()
             self._registry = None
         self.partitions, self._maps = [], []

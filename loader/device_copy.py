@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,43 +55,75 @@ def _side_stream_after_allocations(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+# Every range this process has page-locked and not yet unregistered (start -> bytes), across registries. CUDA's
+# "already registered" is trusted only for a range listed here: a registration whose memory was unmapped keeps the
+# old pages locked, and copies from a new mapping at that address would read those stale pages.
+_LIVE: dict[int, int] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _unregister_all(ranges: dict[int, tuple[int, object]]) -> None:
+    """Unregister ``ranges`` (start -> (bytes, owner)) and only then drop the owners, which keep the memory mapped:
+    a range is never unmapped while it is registered."""
+    if not ranges:
+        return
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # copies from these pages may still be in flight
+    for ptr in list(ranges):
+        err = _cudart().cudaHostUnregister(ptr)
+        if int(err) != CUDA_SUCCESS:
+            _clear_last_error()
+            log.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, int(err))
+        with _LIVE_LOCK:
+            _LIVE.pop(ptr, None)
+    ranges.clear()
+
+
 class PinnedRegistry:
-    """Page-locked (registered) host ranges, unregistered on :meth:`close`. Thread-safe."""
+    """Page-locked (registered) host ranges, unregistered on :meth:`close` or when the registry is dropped. Each
+    range keeps the object that owns its memory (a mapping's tensor) alive until it is unregistered. Thread-safe."""
 
     def __init__(self):
-        self._ranges: dict[int, int] = {}
+        self._ranges: dict[int, tuple[int, object]] = {}
         self._lock = threading.Lock()
         self.failed: str | None = None
+        self._release = weakref.finalize(self, _unregister_all, self._ranges)
 
-    def register(self, ptr: int, nbytes: int) -> bool:
+    def register(self, ptr: int, nbytes: int, owner: object = None) -> bool:
+        """Page-lock ``nbytes`` at ``ptr``; ``owner`` (kept until unregistered) is what keeps that memory mapped.
+        False where CUDA refused: copies from it then go through a pinned staging buffer."""
         with self._lock:
             if ptr in self._ranges:
                 return True
             if self.failed:
                 return False
-        err = _cudart().cudaHostRegister(ptr, nbytes, CUDA_HOST_REGISTER_READ_ONLY)
-        if int(err) == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:  # by another registry of this process
+        err = int(_cudart().cudaHostRegister(ptr, nbytes, CUDA_HOST_REGISTER_READ_ONLY))
+        if err == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:
             _clear_last_error()
-            return True
-        if int(err) != CUDA_SUCCESS:
+            with _LIVE_LOCK:
+                ours = _LIVE.get(ptr, 0) >= nbytes
+            if not ours:
+                log.warning("host range %#x+%d is page-locked by someone else in this process: copying it through "
+                            "a pinned staging buffer", ptr, nbytes)
+            return ours  # page-locked by another registry of this process, which unregisters it
+        if err != CUDA_SUCCESS:
             _clear_last_error()  # not sticky, but torch would report it after its next kernel launch
             with self._lock:
-                self.failed = f"cudaHostRegister failed with CUDA error {int(err)}"
+                self.failed = f"cudaHostRegister failed with CUDA error {err}"
             log.warning("%s: copying through a pinned staging buffer instead", self.failed)
             return False
         with self._lock:
-            self._ranges[ptr] = nbytes
+            self._ranges[ptr] = (nbytes, owner)
+        with _LIVE_LOCK:
+            _LIVE[ptr] = nbytes
         return True
 
     def close(self) -> None:
-        with self._lock:
-            ranges, self._ranges = self._ranges, {}
-        for ptr in ranges:
-            _cudart().cudaHostUnregister(ptr)
+        self._release()
 
     @property
     def registered_bytes(self) -> int:
-        return sum(self._ranges.values())
+        return sum(n for n, _ in self._ranges.values())
 
 
 def copy_spans_to_device(spans: list[tuple[torch.Tensor, int, int]], device: torch.device | str, *,
@@ -115,7 +148,8 @@ def copy_spans_to_device(spans: list[tuple[torch.Tensor, int, int]], device: tor
     try:
         with ThreadPoolExecutor(register_threads, thread_name_prefix="tritonmoe-pin") as pool:
             # registration runs ahead of the copies on several threads; each copy waits only for its own chunk
-            pinned = [pool.submit(registry.register, spans[i][0].data_ptr() + g, n) for i, _, _, g, n in chunks]
+            pinned = [pool.submit(registry.register, spans[i][0].data_ptr() + g, n, spans[i][0])
+                      for i, _, _, g, n in chunks]
             with torch.cuda.stream(stream):
                 for (i, lo, hi, _, _), ok in zip(chunks, pinned):
                     base, start, _ = spans[i]
@@ -138,7 +172,7 @@ def copy_spans_to_device(spans: list[tuple[torch.Tensor, int, int]], device: tor
 def register_spans(spans: list[tuple[torch.Tensor, int, int]], registry: PinnedRegistry,
                    chunk_bytes: int = DEFAULT_COPY_CHUNK, threads: int = 4) -> bool:
     """Page-lock the grid pieces of each ``(base, start, end)`` span (the grid of copy_spans_to_device)."""
-    jobs = [(base.data_ptr() + g, min(chunk_bytes, base.numel() - g))
+    jobs = [(base.data_ptr() + g, min(chunk_bytes, base.numel() - g), base)
             for base, start, end in spans for g in range(start // chunk_bytes * chunk_bytes, end, chunk_bytes)]
     with ThreadPoolExecutor(threads, thread_name_prefix="tritonmoe-pin") as pool:
         return all(pool.map(lambda job: registry.register(*job), jobs))
