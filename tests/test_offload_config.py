@@ -34,6 +34,7 @@ def test_defaults_and_full_parse():
     ("eamc_capacity", "0", "at least 1"),
     ("eamc_top_matches", "-1", "at least 1"),
     ("expert_pin_host_memory", "yes", '"true" or "false"'),
+    ("expert_eviction_depth_factor", "1", '"true" or "false"'),
     ("expert_cache_bugdet", "25%", "unknown offloading parameter"),
     ("expert_trace_path", "/no/such/folder/trace.jsonl", "does not exist"),
     ("expert_trace_path", "/tmp", "is a directory"),
@@ -42,6 +43,20 @@ def test_bad_values_name_the_key(key, value, reason):
     with pytest.raises(ValueError, match=reason) as info:
         OffloadConfig.from_parameters({key: value})
     assert repr(key) in str(info.value)
+
+
+def test_the_depth_factor_is_off_by_default_and_only_for_activation_eviction():
+    from tritonmoe.backend.offload.eviction import ActivationAwareEviction, make_eviction_policy
+
+    assert not OffloadConfig().eviction_depth_factor
+    on = OffloadConfig.from_parameters({"expert_eviction_depth_factor": "TRUE"})
+    assert on.eviction_depth_factor and on.eviction == "activation"
+    with pytest.raises(ValueError, match="applies to expert_eviction 'activation' only, not 'lru'"):
+        OffloadConfig.from_parameters({"expert_eviction": "lru", "expert_eviction_depth_factor": "true"})
+    predictor = object()
+    for factor in (False, True):
+        policy = make_eviction_policy("activation", predictor, factor)
+        assert isinstance(policy, ActivationAwareEviction) and policy.depth_weighted == factor
 
 
 def test_every_field_has_a_documented_key():

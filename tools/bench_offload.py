@@ -13,9 +13,9 @@ Policies (one engine, ``backend/offload``): ``activation`` (MoE-Infinity: activa
 prefetch, the EAMC filled from the trace file's held-out ``eamc`` requests, never from the replayed ``eval``
 ones), ``lru`` (on-demand, no prefetch), ``lfu`` (on-demand), ``lookahead`` (LRU eviction, next layer's router
 applied to this layer's expert input -- replayed from the small model, where it was computed for real),
-``activation+lookahead`` (the serving default: activation-aware eviction on the lookahead-refined prediction,
-lookahead prefetch), ``lfu+lookahead``, ``activation_flat+lookahead`` (the default without the eviction score's
-``(1 - i/L)`` factor).
+``activation_flat+lookahead`` (the serving default: activation-aware eviction on the lookahead-refined prediction
+without the paper's ``(1 - i/L)`` depth factor, lookahead prefetch), ``activation+lookahead`` (the same with the
+factor), ``lfu+lookahead``. ``activation`` keeps the factor too, as the paper has it.
 Baselines: ``resident`` (all experts on the GPU, stock ``grouped_mm``), ``accelerate`` (HF Accelerate
 ``dispatch_model`` CPU offload of whole experts modules at the same budget, on a reduced layer count, scaled).
 
@@ -46,19 +46,19 @@ from tritonmoe.backend.offload.layout import ExpertLayout
 from tritonmoe.backend.offload.stats import FIELDS, rates
 from tritonmoe.tools.train_routing import Traces
 
-POLICIES = {  # name -> (eviction, prefetch)
+POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth factor (DEPTH_FACTOR)
     "activation": ("activation", "activation"),
     "lru": ("lru", "none"),
     "lfu": ("lfu", "none"),
     "lookahead": ("lru", "lookahead"),
     # the same engine with a baseline's eviction and the lookahead prefetch: which half of a policy decides
     "lfu+lookahead": ("lfu", "lookahead"),
+    # activation-aware eviction on the lookahead-refined prediction, with the paper's (1 - i/L) depth factor (the
+    # default until 2026-12-01) and without it (the serving default since: expert_eviction_depth_factor false)
     "activation+lookahead": ("activation", "lookahead"),
-    # the default without the activation score's (1 - i/L) depth factor (an ActivationAwareEviction argument, not a
-    # serving parameter): more hits at batch 8 in the decision replay; does it pay in TPOT?
     "activation_flat+lookahead": ("activation", "lookahead"),
 }
-FLAT = {"activation_flat+lookahead"}
+DEPTH_FACTOR = {"activation", "activation+lookahead"}
 
 
 def make_config(shape: str, layers: int | None = None, small: bool = False):
@@ -267,10 +267,9 @@ def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, 
     shutil.copy(eamc_master, eamc_path)
     bench.drop_resident(modules)
     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
-                        eamc_capacity=eamc_capacity, eamc_path=eamc_path)
+                        eviction_depth_factor=policy in DEPTH_FACTOR, eamc_capacity=eamc_capacity,
+                        eamc_path=eamc_path)
     off = attach_offloading(model, cfg, device=device, host_store=store)
-    if policy in FLAT:  # (before the eviction's first table)
-        off.cache.eviction.depth_weighted = False
     lookahead = prefetch == "lookahead"
     if lookahead:
         off.set_lookahead_routers([LookaheadReplay(feed, i) for i in range(len(modules))])

@@ -65,6 +65,9 @@ class OffloadConfig:
 
     cache_budget: str = "25%"
     eviction: str = "activation"
+    # MoE-Infinity's (1 - i/L) factor in the activation eviction score, which keeps early layers' experts longest;
+    # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading.md)
+    eviction_depth_factor: bool = False
     prefetch: str = "lookahead"
     eamc_capacity: int = 120
     eamc_path: str | None = None
@@ -81,6 +84,9 @@ class OffloadConfig:
         ExpertBudget.parse(self.cache_budget)
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+        if self.eviction_depth_factor and self.eviction != "activation":
+            raise ValueError(f"expert_eviction_depth_factor applies to expert_eviction 'activation' only, not "
+                             f"{self.eviction!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}, got {self.prefetch!r}")
         if self.eamc_capacity < 1:
@@ -127,6 +133,7 @@ class OffloadConfig:
 PARAMETER_KEYS = {
     "cache_budget": "expert_cache_budget",
     "eviction": "expert_eviction",
+    "eviction_depth_factor": "expert_eviction_depth_factor",
     "prefetch": "expert_prefetch",
     "eamc_capacity": "eamc_capacity",
     "eamc_path": "eamc_path",
@@ -144,7 +151,7 @@ def _convert(name: str, raw: str):
             return int(raw)
         except ValueError:
             raise ValueError(f"expected an integer, got {raw!r}") from None
-    if name == "pin_host_memory":
+    if name in ("pin_host_memory", "eviction_depth_factor"):
         if raw.lower() not in ("true", "false"):
             raise ValueError(f'expected "true" or "false", got {raw!r}')
         return raw.lower() == "true"

@@ -115,8 +115,8 @@ class ActivationAwareEviction:
 
     def __init__(self, predictor, depth_weighted: bool = True):
         self._predictor = predictor
-        # False: drop the (1 - i/L) factor -- only the benchmark's `activation_flat+lookahead` row, which asks
-        # whether the factor pays for the hit rate it costs at large batches (docs/offloading.md)
+        # False (the serving default, expert_eviction_depth_factor): every layer's experts score alike; with the
+        # factor batch 8 lost .05-.09 hit rate and 7% TPOT on the H200, batch 1 gained nothing (docs/offloading.md)
         self.depth_weighted = depth_weighted
         self._table = None  # (prediction array, its version, [L, E] scores)
         self._kept: dict[int, tuple] = {}  # id -> (read-only prediction, its scores)
@@ -181,7 +181,7 @@ class ActivationAwareEviction:
         return self.scores(layers, experts)
 
 
-def make_eviction_policy(name: str, predictor=None) -> EvictionPolicy:
+def make_eviction_policy(name: str, predictor=None, depth_factor: bool = True) -> EvictionPolicy:
     if name == "lru":
         return LRUEviction()
     if name == "lfu":
@@ -189,5 +189,5 @@ def make_eviction_policy(name: str, predictor=None) -> EvictionPolicy:
     if name == "activation":
         if predictor is None:
             raise ValueError("activation-aware eviction needs the activation predictor")
-        return ActivationAwareEviction(predictor)
+        return ActivationAwareEviction(predictor, depth_weighted=depth_factor)
     raise ValueError(f"unknown eviction policy {name!r}")
