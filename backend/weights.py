@@ -45,6 +45,8 @@ def _phase(phases: dict[str, float], name: str):
 
 
 def load_for_serving(cfg: EngineConfig, device: torch.device) -> LoadedModel:
+    if cfg.offload is not None and cfg.offload.host_tier == "disk":
+        return _load_with_disk_tier(cfg, device)
     if cfg.loader_url:
         return _load_through_loader(cfg, device)
     phases: dict[str, float] = {}
@@ -176,12 +178,67 @@ def _load_through_loader(cfg: EngineConfig, device: torch.device) -> LoadedModel
     return loaded
 
 
+def _load_with_disk_tier(cfg: EngineConfig, device: torch.device) -> LoadedModel:
+    """Offloading whose host tier is the converted checkpoint's files on disk, memory-mapped: a cache miss reads
+    the expert through the OS page cache, which keeps what memory allows, so host memory need not hold all the
+    experts. Every tensor's checksum is checked first, through the mapping. Nothing is page-locked (a mapping
+    larger than memory cannot be), so on a GPU expert copies are synchronous, at pageable-copy speed."""
+    from tritonmoe.loader.client import ShmCheckpoint
+    from tritonmoe.loader.format import CheckpointError as FormatError
+    from tritonmoe.loader.hf_model import ExpertMappingError, load_hf_model_from_shm
+
+    path = cfg.checkpoint
+    if cfg.loader_url:
+        raise CheckpointError("expert_host_tier 'disk' reads the experts from a local converted checkpoint; with "
+                              "loader_url they come from the loader's DRAM cache (expert_host_tier shared or packed)")
+    if not (path.is_dir() and is_converted(path)):
+        raise CheckpointError(f"expert_host_tier 'disk' needs a converted checkpoint (tritonmoe-convert); {path} "
+                              f"is not one")
+    phases: dict[str, float] = {}
+    try:
+        with _phase(phases, "index_read"):
+            ckpt = ShmCheckpoint(path)
+        with _phase(phases, "verify"):
+            ckpt.verify()
+        config = check_folder(path, weights_glob="*.bin")
+        torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
+        try:
+            host_store = _mapped_host_store(ckpt, device, torch_dtype, cfg, phases, pin=False,
+                                            where="the checkpoint's files on disk, memory-mapped")
+        except ExpertMappingError as e:
+            raise CheckpointError(f"expert_host_tier 'disk' cannot serve the experts of {path} from its files: {e}; "
+                                  f"use expert_host_tier packed") from e
+        model = load_hf_model_from_shm(ckpt, "cpu", torch_dtype, experts_device="meta", phases=phases).eval()
+    except FormatError as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from e
+    loaded = _finish(model, cfg, device, path, "tritonmoe", phases, host_store=host_store)
+    log.info("loaded %s with the experts' host tier on disk (memory-mapped): %s", path,
+             ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
+    return loaded
+
+
 def _shm_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineConfig, phases: dict[str, float]):
-    """The offloading host tier as views of the loader's shared memory (``PartsHostStore``: each expert a few byte
-    ranges of the mapping, copied into its cache slot part by part), or None -- logged with the reason -- where the
-    checkpoint's expert tensors are not byte ranges of transformers' fused expert parameters (dtype casts,
-    transposed or quantised experts, ...): the experts are then fused by transformers and packed into a host tier
-    of their own, a second copy in this process. On CUDA with ``expert_pin_host_memory`` the mapping is
+    """The offloading host tier as views of the loader's shared memory (:func:`_mapped_host_store`), or None --
+    logged with the reason -- where the checkpoint's expert tensors are not byte ranges of transformers' fused
+    expert parameters (dtype casts, transposed or quantised experts, ...): the experts are then fused by
+    transformers and packed into a host tier of their own, a second copy in this process."""
+    from tritonmoe.loader.hf_model import ExpertMappingError
+
+    try:
+        return _mapped_host_store(ckpt, device, dtype, cfg, phases,
+                                  pin=device.type == "cuda" and cfg.offload.pin_host_memory)
+    except ExpertMappingError as e:
+        log.warning("expert offloading of %s: the host tier is a packed copy of the experts (a second copy "
+                    "beside the loader's shared memory) because they cannot be served from the shared memory: "
+                    "%s", cfg.checkpoint, e)
+        return None
+
+
+def _mapped_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineConfig, phases: dict[str, float],
+                       *, pin: bool, where: str = "the loader's shared memory"):
+    """The offloading host tier as views of a mapped converted checkpoint (``PartsHostStore``: each expert a few
+    byte ranges of the mapping, copied into its cache slot part by part); raises ``ExpertMappingError`` where the
+    expert tensors are not byte ranges of transformers' fused expert parameters. With ``pin`` the mapping is
     page-locked (``ShmCheckpoint.pin``, once per mapping; a warm pool worker may have done it already) so the
     expert copies run asynchronously, and parts are split at the registration grid (a copy never spans two
     registrations)."""
@@ -191,19 +248,12 @@ def _shm_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineC
 
     with _phase(phases, "expert_map"):
         skeleton = meta_model(ckpt.path, dtype)  # names, shapes and dtypes only
-        try:
-            sources = expert_sources(ckpt, skeleton)
-            modules = [m for _, m in experts_modules(skeleton)]
-            layout = ExpertLayout.of_experts_module(modules[0])
-            if any(ExpertLayout.of_experts_module(m) != layout for m in modules[1:]):
-                raise ExpertMappingError("the MoE layers' expert layouts differ")
-        except ExpertMappingError as e:
-            log.warning("expert offloading of %s: the host tier is a packed copy of the experts (a second copy "
-                        "beside the loader's shared memory) because they cannot be served from the shared memory: "
-                        "%s", cfg.checkpoint, e)
-            return None
+        sources = expert_sources(ckpt, skeleton)
+        modules = [m for _, m in experts_modules(skeleton)]
+        layout = ExpertLayout.of_experts_module(modules[0])
+        if any(ExpertLayout.of_experts_module(m) != layout for m in modules[1:]):
+            raise ExpertMappingError("the MoE layers' expert layouts differ")
     split_grid = None
-    pin = device.type == "cuda" and cfg.offload.pin_host_memory
     if pin:
         from tritonmoe.loader.device_copy import DEFAULT_COPY_CHUNK
 
@@ -217,8 +267,8 @@ def _shm_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineC
                         ckpt.path)
     store = PartsHostStore.from_sources(layout, sources, pinned=pin and ckpt.pinned, keepalive=ckpt,
                                         split_grid=split_grid)
-    log.info("expert offloading of %s: the host tier is the loader's shared memory (%d layers x %d experts, "
-             "%.1f copies per expert, %.2f GB not copied)", cfg.checkpoint, store.num_layers, store.num_experts,
+    log.info("expert offloading of %s: the host tier is %s (%d layers x %d experts, "
+             "%.1f copies per expert, %.2f GB not copied)", cfg.checkpoint, where, store.num_layers, store.num_experts,
              store.num_parts / (store.num_layers * store.num_experts), store.total_bytes / 1e9)
     return store
 

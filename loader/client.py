@@ -258,6 +258,24 @@ class ShmCheckpoint:
         register_spans([(p, 0, p.numel()) for p in self.partitions if p.numel()], self._registry,
                        chunk_bytes or DEFAULT_COPY_CHUNK)
 
+    def verify(self, threads: int = 8) -> None:
+        """Check every tensor's checksum against the index, reading through the mapping (file pages, no copy in
+        this process's memory); raises :class:`~tritonmoe.loader.format.ChecksumError` naming the first bad one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import xxhash
+
+        from .format import ChecksumError
+
+        def check(item):
+            name, entry = item
+            actual = xxhash.xxh3_64_hexdigest(self.raw(entry).numpy())  # releases the GIL: threads hash in parallel
+            if actual != entry.checksum:
+                raise ChecksumError(name, entry.checksum, actual, str(self.path / partition_file_name(entry.partition)))
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="tritonmoe-verify") as pool:
+            list(pool.map(check, self.index.tensors.items()))
+
     @property
     def pinned(self) -> bool:
         return self._registry is not None and self._registry.registered_bytes >= sum(self.index.partitions)

@@ -206,7 +206,8 @@ def test_expert_sources_refuse_what_is_not_a_byte_range(converted):
 # ---- memory of a fresh backend process ---------------------------------------------------------------------------
 def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
     """Load ``checkpoint`` through the loader with offloading in this fresh process (``mode`` "shm": the new path;
-    "packed": the old one, forced by declining the shared-memory tier) and print one JSON line of memory figures."""
+    "packed": the old one, forced by declining the shared-memory tier; "disk": no loader, ``expert_host_tier``
+    disk) and print one JSON line of memory figures."""
     import gc
     import resource
     import time
@@ -221,7 +222,9 @@ def memory_child(url: str, checkpoint: str, mode: str, budget: str) -> None:
     before = smaps_rollup()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    cfg = EngineConfig.from_parameters({"checkpoint": checkpoint, "loader_url": url, "expert_cache_budget": budget})
+    params = {"checkpoint": checkpoint, "expert_cache_budget": budget}
+    params.update({"expert_host_tier": "disk"} if mode == "disk" else {"loader_url": url})
+    cfg = EngineConfig.from_parameters(params)
     loaded = weights.load_for_serving(cfg, torch.device("cpu"))
     seconds = time.perf_counter() - t
     gc.collect()

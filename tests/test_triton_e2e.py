@@ -293,15 +293,18 @@ def test_offloaded_model_through_triton(triton, tiny, reference, arch, budget, e
         client.close()
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offloaded"])
-def test_converted_checkpoint_through_triton(triton, tiny, reference, tmp_path, offload):
-    """A checkpoint in tritonmoe's loading-optimised format (tritonmoe-convert) serves like its HF original, with
-    and without offloading; a flipped bit in its data fails the load with the checksum error naming the tensor."""
+@pytest.mark.parametrize("mode", ["resident", "offloaded", "disk"])
+def test_converted_checkpoint_through_triton(triton, tiny, reference, tmp_path, mode):
+    """A checkpoint in tritonmoe's loading-optimised format (tritonmoe-convert) serves like its HF original,
+    resident, offloaded, and offloaded with the experts' host tier its files on disk (``expert_host_tier: disk``); a
+    flipped bit in its data fails the load with the checksum error naming the tensor."""
     from tritonmoe.loader.convert import convert
 
     converted = convert(tiny("olmoe"), tmp_path / "olmoe-converted", progress=False).dest
-    name = f"converted_{'off' if offload else 'res'}"
-    write_model(triton.repo, name, converted, **({"expert_cache_budget": "30%"} if offload else {}))
+    params = {"resident": {}, "offloaded": {"expert_cache_budget": "30%"},
+              "disk": {"expert_cache_budget": "30%", "expert_host_tier": "disk"}}[mode]
+    name = f"converted_{mode}"
+    write_model(triton.repo, name, converted, **params)
     client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
     try:
         client.load_model(name)
@@ -309,16 +312,16 @@ def test_converted_checkpoint_through_triton(triton, tiny, reference, tmp_path, 
         assert generate(triton.http_url, name, PROMPTS[0], max_tokens=10,
                         exclude_input_in_output=True)["text_output"] == text
         client.unload_model(name)
-        if not offload:
+        if mode == "resident":
             return
         part = sorted(converted.glob("partition-*.bin"))[0]
         data = bytearray(part.read_bytes())
         data[4096 + 17] ^= 0x01
         part.write_bytes(bytes(data))
-        write_model(triton.repo, "converted_bad", converted)
+        write_model(triton.repo, f"converted_bad_{mode}", converted, **params)
         with pytest.raises(InferenceServerException, match="checksum"):
-            client.load_model("converted_bad")
-        assert not client.is_model_ready("converted_bad")
+            client.load_model(f"converted_bad_{mode}")
+        assert not client.is_model_ready(f"converted_bad_{mode}")
     finally:
         client.close()
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 EVICTION_POLICIES = ("lru", "lfu", "activation")
-HOST_TIERS = ("auto", "shared", "packed")
+HOST_TIERS = ("auto", "shared", "packed", "disk")
 PREFETCH_POLICIES = ("none", "activation", "lookahead")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -75,7 +75,9 @@ class OffloadConfig:
     pin_host_memory: bool = True
     # through the loader: "shared" serves the host tier from the loader's shared memory (no second copy), "packed"
     # copies the experts into a host tier of this process, "auto" is shared on the CPU and packed on a GPU -- the
-    # shared tier page-locks the whole DRAM copy in the backend process: GPU-tested with small models only
+    # shared tier page-locks the whole DRAM copy in the backend process: GPU-tested with small models only.
+    # "disk" (a local converted checkpoint, no loader): the experts are read from the checkpoint's files through a
+    # memory map, the OS page cache their DRAM tier -- for models whose experts do not fit in host memory
     host_tier: str = "auto"
     # a JSON-lines file the engine appends the expert cache's per-step, per-layer activity to (trace_file.py)
     trace_path: str | None = None
