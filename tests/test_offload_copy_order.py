@@ -117,3 +117,29 @@ def test_copies_wait_for_work_queued_before_the_pool_was_bound(monkeypatch, api)
     # the check can fail: a write queued after the bind is ordered against nothing, and kernels read its zeros
     assert any(run_workload(monkeypatch, seed, api, 6, steps=60, gpu_speed=1, stale_write="after")[1]
                for seed in range(6))
+
+
+def test_one_ready_event_per_batch_of_copies(monkeypatch):
+    """A ``load_many`` of k experts issues k copies and one event record (not k); the compute stream then waits once
+    per copy stream, and a slot reloaded on the other stream waits on its batch's event first."""
+    sim = Sim(0)
+    module = install(monkeypatch, sim)
+    engine = engine_on(module, sim, monkeypatch, 6, OffloadStats(LAYERS), api="driver")
+    store = _store(0)
+    pool = torch.zeros((6, SLOT), dtype=torch.uint8)
+    engine.bind(pool, store)
+    sim.calls.clear()
+    engine.load_many(np.array([0, 1, 2, 3]), 1, np.array([4, 5, 6, 7]), urgent=False)
+    assert sim.calls.count("copy") == 4 and sim.calls.count("record") == 1 and sim.calls.count("wait") == 0
+    engine.load_many(np.array([4, 5]), 2, np.array([0, 1]), urgent=True)
+    sim.calls.clear()
+    engine.wait_ready([0, 1, 2, 3, 4, 5], 1)
+    # two timing records around one wait per copy stream
+    assert sim.calls.count("wait") == 2 and sim.calls.count("record") == 2
+    sim.calls.clear()
+    engine.load_many(np.array([3]), 3, np.array([9]), urgent=True)  # slot 3's prefetch may still be in flight
+    assert sim.calls == ["wait", "copy", "record"]
+    sim.drain()
+    for slot, (layer, expert) in enumerate([(1, 4), (1, 5), (1, 6), (3, 9), (2, 0), (2, 1)]):
+        assert torch.equal(pool[slot], store.buffer(layer, expert)), slot
+    assert engine.prefetches_in_flight() == 0

@@ -3,9 +3,12 @@
 - Two copy streams: on-demand fetches go to a high-priority stream and are issued at once; prefetches go to a
   low-priority stream, and the caller keeps only a small window of them issued (``prefetches_in_flight``), so a
   demand fetch waits behind at most that window, never behind the whole prefetch queue.
-- One ``ready`` event per cache slot, recorded after the slot's copy: the compute stream waits only when a layer
-  is about to read slots whose copies may not have finished, and then once per copy stream, on the latest of
-  those copies (a stream runs its copies in order, so that one finishing means the earlier ones have).
+- One ``ready`` event per *batch* of copies (a ``load_many`` call), recorded on its stream after the batch's last
+  copy; each slot remembers its batch's event. A stream runs its copies in order, so the event having run means
+  every copy of the batch has landed: one record per batch instead of one per expert (a driver call saved per
+  copy). Events come from a ring per copy stream; a ring event re-recorded by a later batch of the *same* stream
+  only makes a wait on it wait for more, never less. The compute stream waits only when a layer is about to read
+  slots whose copies may not have finished, and then once per copy stream, on the latest of those copies.
 - One ``released`` event per MoE layer, recorded on the compute stream once the kernels of that layer's round
   have been issued; each slot remembers the layer that last read it, and a later copy into the slot waits on that
   layer's event, so it cannot overwrite weights still in use. (The event's latest record is at or after the
@@ -100,8 +103,10 @@ class CudaCopyEngine:
             lowest, highest = _check_rt(cudart.cudaDeviceGetStreamPriorityRange())
             demand = _check_rt(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, highest))
             prefetch = _check_rt(cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, lowest))
-            self._ready = [_check_rt(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
-                           for _ in range(num_slots)]
+            # per copy stream: more events than slots, so a slot's event is re-recorded only after num_slots
+            # later batches of its stream (by then the copy has long landed; waiting on a later record is safe)
+            self._rings = tuple([_check_rt(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming))
+                                 for _ in range(num_slots + 2)] for _ in range(2))
         self._rt_streams = (demand, prefetch)  # for close()
         self._streams = tuple(self._calls.stream(int(s)) for s in self._rt_streams)  # indexed _DEMAND / _PREFETCH
         self._raw_stream = _raw_stream_getter()
@@ -109,6 +114,8 @@ class CudaCopyEngine:
         self._released: list = []  # per MoE layer, created in bind()
         self._released_gen: list[int] = []  # per MoE layer: how many times its event has been recorded
         self._waited: tuple[list[int], list[int]] = ([], [])  # per copy stream, per layer: the record waited on
+        self._ring_next = [0, 0]
+        self._ready: list = [None] * num_slots  # per slot: the event of the batch that copied into it last
         self._last_reader = [-1] * num_slots  # per slot: the MoE layer whose kernels read it last, -1: none yet
         # slots whose latest copy may still be running -> (copy stream, issue number); prefetches in issue order
         self._loading: dict[int, tuple[int, int]] = {}
@@ -187,8 +194,12 @@ class CudaCopyEngine:
         loading, prefetching, last_reader = self._loading, self._prefetching, self._last_reader
         per_expert = np.ndim(layers) > 0
         layer_list = layers.tolist() if per_expert else None
+        slot_list = slots.tolist()
+        if not slot_list:
+            return
+        ready = self._ready
         issued = self._issued
-        for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
+        for i, (slot, expert) in enumerate(zip(slot_list, experts.tolist())):
             layer = layer_list[i] if per_expert else layers
             # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.
             reader = last_reader[slot]
@@ -197,27 +208,36 @@ class CudaCopyEngine:
                 waited[reader] = gen[reader]
             previous = loading.get(slot)
             if previous is not None and previous[0] != which:
-                run(calls.wait, stream, self._ready[slot], 0)
+                run(calls.wait, stream, ready[slot], 0)
             if src0 is not None:  # packed host tier: one copy per expert
                 run(calls.copy, dst0 + slot * nbytes, src0[layer] + expert * nbytes, nbytes, stream)
             else:  # multi-part expert: one copy per part, all on this stream before the slot's ready event
                 dst = dst0 + slot * nbytes
                 for src, offset, size in self._parts[layer][expert]:
                     run(calls.copy, dst + offset, src, size, stream)
-            run(calls.record, self._ready[slot], stream)
             issued += 1
             loading[slot] = (which, issued)
             prefetching.pop(slot, None)  # re-inserted below for a prefetch: the dict stays in issue order
             if not urgent:
                 prefetching[slot] = None
+        ring, at = self._rings[which], self._ring_next[which]
+        event = ring[at]
+        self._ring_next[which] = (at + 1) % len(ring)
+        run(calls.record, event, stream)
+        for slot in slot_list:
+            ready[slot] = event
         self._issued = issued
 
     def prefetches_in_flight(self) -> int:
-        # in issue order, on one stream: once one has not finished, none after it has
-        done = []
+        # in issue order, on one stream: once one has not finished, none after it has (a batch's slots share an
+        # event: asked once)
+        done, finished = [], None
         for slot in self._prefetching:
-            if not self._done(self._ready[slot]):
-                break
+            event = self._ready[slot]
+            if event is not finished:
+                if not self._done(event):
+                    break
+                finished = event
             done.append(slot)
         for slot in done:
             del self._prefetching[slot]
@@ -275,10 +295,10 @@ class CudaCopyEngine:
             _check_rt(cudart.cudaStreamSynchronize(stream))
         torch.cuda.current_stream(self._device_index).synchronize()
         self.collect()
-        events = (self._ready + self._released + [e for pair in self._free_timers for e in pair]
+        events = (self._rings[0] + self._rings[1] + self._released + [e for pair in self._free_timers for e in pair]
                   + ([self._bound_event] if self._bound_event is not None else []))
         for event in events:
             _check_rt(cudart.cudaEventDestroy(event))
         for stream in self._rt_streams:
             _check_rt(cudart.cudaStreamDestroy(stream))
-        self._ready, self._released, self._free_timers, self._bound_event = [], [], [], None
+        self._rings, self._released, self._free_timers, self._bound_event = ([], []), [], [], None
