@@ -88,6 +88,7 @@ class PinnedRegistry:
         self._lock = threading.Lock()
         self.failed: str | None = None
         self._release = weakref.finalize(self, _unregister_all, self._ranges)
+        self._release.atexit = False  # at exit the process's registrations end with it; CUDA may be half torn down
 
     def register(self, ptr: int, nbytes: int, owner: object = None) -> bool:
         """Page-lock ``nbytes`` at ``ptr``; ``owner`` (kept until unregistered) is what keeps that memory mapped.
