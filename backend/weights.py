@@ -204,7 +204,7 @@ def _load_with_disk_tier(cfg: EngineConfig, device: torch.device) -> LoadedModel
         torch_dtype = resolve_dtype(cfg.dtype, device, config.get("dtype", config.get("torch_dtype")))
         try:
             host_store = _mapped_host_store(ckpt, device, torch_dtype, cfg, phases, pin=False,
-                                            where="the checkpoint's files on disk, memory-mapped")
+                                            where="the checkpoint's files on disk, memory-mapped", file_backed=True)
         except ExpertMappingError as e:
             raise CheckpointError(f"expert_host_tier 'disk' cannot serve the experts of {path} from its files: {e}; "
                                   f"use expert_host_tier packed") from e
@@ -235,7 +235,7 @@ def _shm_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineC
 
 
 def _mapped_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: EngineConfig, phases: dict[str, float],
-                       *, pin: bool, where: str = "the loader's shared memory"):
+                       *, pin: bool, where: str = "the loader's shared memory", file_backed: bool = False):
     """The offloading host tier as views of a mapped converted checkpoint (``PartsHostStore``: each expert a few
     byte ranges of the mapping, copied into its cache slot part by part); raises ``ExpertMappingError`` where the
     expert tensors are not byte ranges of transformers' fused expert parameters. With ``pin`` the mapping is
@@ -266,7 +266,7 @@ def _mapped_host_store(ckpt, device: torch.device, dtype: torch.dtype, cfg: Engi
             log.warning("could not page-lock the shared memory of %s: expert copies from it will be synchronous",
                         ckpt.path)
     store = PartsHostStore.from_sources(layout, sources, pinned=pin and ckpt.pinned, keepalive=ckpt,
-                                        split_grid=split_grid)
+                                        split_grid=split_grid, file_backed=file_backed)
     log.info("expert offloading of %s: the host tier is %s (%d layers x %d experts, "
              "%.1f copies per expert, %.2f GB not copied)", cfg.checkpoint, where, store.num_layers, store.num_experts,
              store.num_parts / (store.num_layers * store.num_experts), store.total_bytes / 1e9)

@@ -60,6 +60,33 @@ def test_greedy_tokens_from_the_files_on_disk_equal_transformers(converted, refe
     loaded.offloader.close()
 
 
+def test_tokens_hold_when_every_file_page_is_dropped_before_each_step(converted, reference):
+    """A host whose memory cannot keep the files: before every forward the process's pages of them are dropped and
+    the page cache is asked to drop them (``madvise``/``posix_fadvise`` DONTNEED), so the experts come from the
+    disk again; the tokens do not change, and each batch of copies first asked for its experts' bytes at once."""
+    from transformers import AutoTokenizer
+
+    from tritonmoe.tools.bench_disk_tier import drop_file_pages
+
+    hf, conv = converted("qwen3_moe")
+    want, _ = reference(hf, PROMPT, NEW_TOKENS)
+    ids = AutoTokenizer.from_pretrained(hf)(PROMPT, return_tensors="pt").input_ids
+    loaded = load_for_serving(disk_config(conv), torch.device("cpu"))
+    store = loaded.offloader.store
+    assert store.file_backed
+    asked, will_need = [], store.will_need
+    store.will_need = lambda layers, experts: (asked.append(len(experts)), will_need(layers, experts))
+    files = sorted(conv.glob("partition-*.bin"))
+    hook = loaded.model.register_forward_pre_hook(lambda module, args: drop_file_pages(files))
+    try:
+        assert generate(loaded, ids) == want
+    finally:
+        hook.remove()
+    misses = loaded.offloader.stats()["misses"]
+    assert misses > 0 and sum(asked) >= misses
+    loaded.offloader.close()
+
+
 def test_anonymous_memory_does_not_grow_by_the_experts(tmp_path):
     """A fresh process loads ~100 MB of experts with the disk tier: its anonymous memory grows by far less than the
     experts (the device cache, here host memory, of one slot per layer is 1/8 of them, plus the runtime)."""

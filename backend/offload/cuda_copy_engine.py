@@ -157,6 +157,7 @@ class CudaCopyEngine:
         """The cache pool ``[num_slots, slot_bytes]`` copies go into, and the host tier they come from."""
         self._dst0 = pool.data_ptr()
         self._nbytes = store.layout.slot_bytes
+        self._store, self._file_backed = store, getattr(store, "file_backed", False)
         if getattr(store, "multipart", False):
             # per layer, per expert: (source address, offset in the slot, bytes) of each part
             self._src0 = None
@@ -199,6 +200,8 @@ class CudaCopyEngine:
             return
         ready = self._ready
         issued = self._issued
+        if self._file_backed:  # the disk tier: start reading the whole batch from disk before the first copy
+            self._store.will_need(layers, experts)
         for i, (slot, expert) in enumerate(zip(slot_list, experts.tolist())):
             layer = layer_list[i] if per_expert else layers
             # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.

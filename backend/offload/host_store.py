@@ -11,13 +11,17 @@ memory and the byte offset in the slot where it lands (Mixtral: ``w1`` -> ``gate
 holds no second copy of the experts.
 
 Both offer what the cache and the copy engines read: ``layout``, ``num_layers``, ``num_experts``, ``pinned``,
-``total_bytes``, ``multipart`` and ``parts(layer, expert)``; the packed store also ``buffer(layer, expert)``.
+``total_bytes``, ``multipart`` and ``parts(layer, expert)``; the packed store also ``buffer(layer, expert)``, the
+parts store ``will_need(layers, experts)`` (a no-op unless its parts view files on disk, see ``file_backed``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .layout import ExpertLayout
@@ -89,7 +93,7 @@ class PartsHostStore:
     multipart = True
 
     def __init__(self, layout: ExpertLayout, parts: list[list[list[Part]]], pinned: bool = False,
-                 keepalive: object = None):
+                 keepalive: object = None, file_backed: bool = False):
         if not parts or not parts[0]:
             raise ValueError("a host store needs at least one MoE layer with at least one expert")
         experts = len(parts[0])
@@ -116,9 +120,28 @@ class PartsHostStore:
         self.num_experts = experts
         self._pinned = pinned
         self.keepalive = keepalive
+        # The parts view a memory map of files on disk (the disk tier): the kernel's readahead on page faults is
+        # turned off over them -- faulting an expert in read ~2.6x its bytes, the neighbours' included -- and a
+        # batch of misses asks for exactly its experts' bytes at once instead (will_need: reads in flight together)
+        self.file_backed = file_backed
+        if file_backed:
+            for layer_parts in parts:
+                for expert_parts in layer_parts:
+                    for src, _ in expert_parts:
+                        _advise(src, mmap.MADV_RANDOM)
 
     def parts(self, layer: int, expert: int) -> list[Part]:
         return self._parts[layer][expert]
+
+    def will_need(self, layers, experts: np.ndarray) -> None:
+        """About to copy expert ``experts[i]`` of MoE layer ``layers`` (an int) or ``layers[i]``: on a file-backed
+        store, start reading all their bytes from disk now (``MADV_WILLNEED``); otherwise nothing."""
+        if not self.file_backed:
+            return
+        per_expert = np.ndim(layers) > 0
+        for i, expert in enumerate(experts.tolist()):
+            for src, _ in self._parts[int(layers[i]) if per_expert else layers][expert]:
+                _advise(src, mmap.MADV_WILLNEED)
 
     def gather(self, layer: int, expert: int) -> torch.Tensor:
         """A packed copy of one expert (uint8 ``[slot_bytes]``, padding zero): for checks, not for serving."""
@@ -143,7 +166,8 @@ class PartsHostStore:
     @classmethod
     def from_sources(cls, layout: ExpertLayout, sources: list[list[list[tuple[str, int, torch.Tensor]]]],
                      pinned: bool = False, keepalive: object = None,
-                     split_grid: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> "PartsHostStore":
+                     split_grid: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+                     file_backed: bool = False) -> "PartsHostStore":
         """From ``sources[layer][expert]``: ``(parameter name, byte offset in that parameter's per-expert slice,
         uint8 view)`` triples, as :func:`tritonmoe.loader.hf_model.expert_sources` gives them. Parts adjacent in
         both the source memory and the slot are merged into one copy (e.g. Qwen's ``gate_proj`` and ``up_proj``,
@@ -178,7 +202,21 @@ class PartsHostStore:
                     merged = split
                 layer_parts.append(merged)
             parts.append(layer_parts)
-        return cls(layout, parts, pinned=pinned, keepalive=keepalive)
+        return cls(layout, parts, pinned=pinned, keepalive=keepalive, file_backed=file_backed)
+
+
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def _advise(view: torch.Tensor, advice: int) -> None:
+    """``madvise`` over the pages a view of a memory map covers (advice only: a refusal changes nothing but speed)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = view.data_ptr() // _PAGE * _PAGE
+    _libc.madvise(start, view.data_ptr() + view.numel() - start, advice)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
