@@ -135,7 +135,8 @@ class ShmCheckpoint:
 
     The partitions are mapped copy-on-write (``MAP_PRIVATE``): reads share the loader's pages, and a stray write
     by model code stays private instead of corrupting the cache that other processes use. The folder also holds
-    config and tokenizer files, so ``path`` works wherever a converted folder does."""
+    config and tokenizer files, so ``path`` works wherever a converted folder does. Any converted folder maps the
+    same way: the disk tier of expert offloading (``expert_host_tier: disk``) maps one on disk."""
 
     def __init__(self, path: str | os.PathLike, expect_fingerprint: str | None = None):
         self.path = Path(path)
