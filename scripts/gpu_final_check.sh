@@ -15,5 +15,5 @@ pkg=/tmp/offload-pkg; rm -rf $pkg; mkdir -p $pkg/tritonmoe
 cp tritonmoe/__init__.py $pkg/tritonmoe/; cp -r backend $pkg/tritonmoe/backend; cp -r tools $pkg/tritonmoe/tools
 PYTHONPATH=$pkg timeout 90 python3 -m tritonmoe.tools.bench_offload --host-time --shape qwen3 \
   --traces runs/routing/gpu/qwen3.npz --device cuda --dtype bfloat16 --batch 1 8 --budgets 25 --new-tokens 32 \
-  --warmup-tokens 4 --groups-b1 2 --groups-bn 1 --policies lru lookahead activation_flat+lookahead lfu+lookahead \
+  --warmup-tokens 4 --groups-b1 2 --groups-bn 1 --policies lru lookahead activation_flat+lookahead activation_freq+lookahead lfu+lookahead \
   --out "$out/host_time_qwen3.json" 2>&1 | grep "B=" | tee "$out/host_time.log"

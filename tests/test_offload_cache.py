@@ -144,6 +144,37 @@ def test_activation_aware_without_the_depth_factor_ranks_layers_alike():
     assert flat.values(layers, experts)[1] > flat.values(layers, experts)[0]
 
 
+def test_the_frequency_prior_adds_each_layers_use_shares_to_the_prediction():
+    """``frequency_weight`` w: the score is the prediction's plus w x (this expert's uses / its layer's uses); with
+    an uninformative prediction the often-used expert is kept over a more recent, rarely used one."""
+    from tritonmoe.backend.offload.eviction import ActivationAwareEviction
+
+    predictor = FakePredictor()
+    predictor.version = 0  # a prediction that says when it changes: values_state can tell
+    plain = ActivationAwareEviction(predictor, depth_weighted=False)
+    prior = ActivationAwareEviction(predictor, depth_weighted=False, frequency_weight=2.0)
+    for experts in ([1, 2], [1], [1, 3]):
+        prior.on_use(0, np.array(experts))
+    prior.on_use(2, np.array([4]))
+    layers, experts = np.array([0, 0, 0, 0, 2, 2]), np.array([1, 2, 3, 0, 4, 0])
+    shares = np.array([3 / 5, 1 / 5, 1 / 5, 0, 1, 0])
+    assert np.allclose(prior.values(layers, experts), plain.values(layers, experts) + 2.0 * shares)
+    before = prior.values_state()
+    prior.on_use(0, np.array([0]))
+    assert prior.values_state() != before and prior.values(layers, experts)[3] > 0  # a use changes the scores
+
+    predictor = FakePredictor()
+    cache, _, _ = make_cache(2, "lru")
+    cache.eviction = ActivationAwareEviction(predictor, depth_weighted=False, frequency_weight=2.0)
+    for _ in range(2):
+        cache.acquire(1, [3]); cache.release()  # layer 1's uses go mostly to expert 3
+    for _ in range(3):
+        cache.acquire(0, [0]); cache.release()  # (0, 0): all of layer 0's uses, long ago
+    cache.acquire(1, [1]); cache.release()  # (1, 1): a third of layer 1's uses, recently
+    cache.acquire(2, [2]); cache.release()
+    assert (0, 0) in cache and (1, 1) not in cache  # LRU (or the prediction alone) would evict (0, 0)
+
+
 def test_activation_aware_admission_refuses_prefetch_below_residents():
     predictor = FakePredictor()
     cache, _, stats = make_cache(2, "activation", predictor)

@@ -35,6 +35,9 @@ def test_defaults_and_full_parse():
     ("eamc_top_matches", "-1", "at least 1"),
     ("expert_pin_host_memory", "yes", '"true" or "false"'),
     ("expert_eviction_depth_factor", "1", '"true" or "false"'),
+    ("expert_eviction_frequency_weight", "lots", "expected a number"),
+    ("expert_eviction_frequency_weight", "-1", "finite number >= 0"),
+    ("expert_eviction_frequency_weight", "nan", "finite number >= 0"),
     ("expert_cache_bugdet", "25%", "unknown offloading parameter"),
     ("expert_trace_path", "/no/such/folder/trace.jsonl", "does not exist"),
     ("expert_trace_path", "/tmp", "is a directory"),
@@ -53,6 +56,10 @@ def test_the_depth_factor_is_off_by_default_and_only_for_activation_eviction():
     assert on.eviction_depth_factor and on.eviction == "activation"
     with pytest.raises(ValueError, match="applies to expert_eviction 'activation' only, not 'lru'"):
         OffloadConfig.from_parameters({"expert_eviction": "lru", "expert_eviction_depth_factor": "true"})
+    assert OffloadConfig().eviction_frequency_weight == 2.0
+    assert OffloadConfig.from_parameters({"expert_eviction_frequency_weight": "0.5"}).eviction_frequency_weight == 0.5
+    with pytest.raises(ValueError, match="expert_eviction_frequency_weight applies to expert_eviction 'activation'"):
+        OffloadConfig.from_parameters({"expert_eviction": "lfu", "expert_eviction_frequency_weight": "1"})
     predictor = object()
     for factor in (False, True):
         policy = make_eviction_policy("activation", predictor, factor)

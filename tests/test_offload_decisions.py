@@ -160,9 +160,10 @@ def run_case(shape, eviction, prefetch, budget, batch, in_flight, capacity=5, to
     groups = [[r] for r in order[:requests // 2]]
     rest = order[requests // 2:]
     groups += [rest[i:i + batch] for i in range(0, len(rest), batch)]
-    # the reference has the paper's depth factor in the activation score (off by default since)
+    # the reference has the paper's activation score: its depth factor, no frequency prior (the defaults since)
     cfg = OffloadConfig(cache_budget=budget, eviction=eviction, prefetch=prefetch, eamc_capacity=capacity,
-                        eamc_top_matches=top_matches, eviction_depth_factor=eviction == "activation")
+                        eamc_top_matches=top_matches, eviction_depth_factor=eviction == "activation",
+                        **({"eviction_frequency_weight": 0.0} if eviction == "activation" else {}))
     args = (modules, store, routers, cfg, routing, groups, shape["prompt_len"], H, in_flight)
     want = drive(reference, *args)
     got = drive(current, *args)
@@ -228,7 +229,8 @@ def test_lookahead_refines_what_activation_eviction_reads(batch):
     routing = clustered_routing(14, L, E, k, shape["prompt_len"] + shape["decode"])
     groups = [[r] for r in range(7)] + [list(range(7, 14))[i:i + batch] for i in range(0, 7, batch)]
     cfg = OffloadConfig(cache_budget="25%", eviction="activation", prefetch="lookahead", eamc_capacity=5,
-                        eamc_top_matches=2, eviction_depth_factor=True)  # as the reference scores
+                        eamc_top_matches=2, eviction_depth_factor=True,
+                        eviction_frequency_weight=0.0)  # as the reference scores
     checked = []
 
     def check(off, layer, picks):

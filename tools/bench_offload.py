@@ -13,9 +13,11 @@ Policies (one engine, ``backend/offload``): ``activation`` (MoE-Infinity: activa
 prefetch, the EAMC filled from the trace file's held-out ``eamc`` requests, never from the replayed ``eval``
 ones), ``lru`` (on-demand, no prefetch), ``lfu`` (on-demand), ``lookahead`` (LRU eviction, next layer's router
 applied to this layer's expert input -- replayed from the small model, where it was computed for real),
-``activation_flat+lookahead`` (the serving default: activation-aware eviction on the lookahead-refined prediction
-without the paper's ``(1 - i/L)`` depth factor, lookahead prefetch), ``activation+lookahead`` (the same with the
-factor), ``lfu+lookahead``. ``activation`` keeps the factor too, as the paper has it.
+``activation_freq+lookahead`` (the serving default: activation-aware eviction on the lookahead-refined prediction
+without the paper's ``(1 - i/L)`` depth factor, plus each layer's expert-use frequencies as a prior; lookahead
+prefetch), ``activation_flat+lookahead`` (the same without the prior), ``activation+lookahead`` (the paper's score,
+depth factor included, on the refined prediction), ``lfu+lookahead``. ``activation`` is the paper's policy as it
+has it (depth factor, no prior).
 Baselines: ``resident`` (all experts on the GPU, stock ``grouped_mm``), ``accelerate`` (HF Accelerate
 ``dispatch_model`` CPU offload of whole experts modules at the same budget, on a reduced layer count, scaled).
 
@@ -53,12 +55,15 @@ POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth fa
     "lookahead": ("lru", "lookahead"),
     # the same engine with a baseline's eviction and the lookahead prefetch: which half of a policy decides
     "lfu+lookahead": ("lfu", "lookahead"),
-    # activation-aware eviction on the lookahead-refined prediction, with the paper's (1 - i/L) depth factor (the
-    # default until 2026-12-01) and without it (the serving default since: expert_eviction_depth_factor false)
+    # activation-aware eviction on the lookahead-refined prediction: the paper's score (with its (1 - i/L) depth
+    # factor; the default until 2026-12-01), without the factor, and without it plus the frequency prior (the
+    # serving default: expert_eviction_depth_factor false, expert_eviction_frequency_weight 2)
     "activation+lookahead": ("activation", "lookahead"),
     "activation_flat+lookahead": ("activation", "lookahead"),
+    "activation_freq+lookahead": ("activation", "lookahead"),
 }
 DEPTH_FACTOR = {"activation", "activation+lookahead"}
+NO_FREQUENCY_PRIOR = {"activation", "activation+lookahead", "activation_flat+lookahead"}
 
 
 def make_config(shape: str, layers: int | None = None, small: bool = False):
@@ -268,7 +273,8 @@ def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, 
     bench.drop_resident(modules)
     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                         eviction_depth_factor=policy in DEPTH_FACTOR, eamc_capacity=eamc_capacity,
-                        eamc_path=eamc_path)
+                        eamc_path=eamc_path, **({"eviction_frequency_weight": 0.0} if policy in NO_FREQUENCY_PRIOR
+                                                else {}))
     off = attach_offloading(model, cfg, device=device, host_store=store)
     lookahead = prefetch == "lookahead"
     if lookahead:

@@ -6,6 +6,7 @@ Every key of this module starts with ``expert_`` or ``eamc_``; :meth:`OffloadCon
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 EVICTION_POLICIES = ("lru", "lfu", "activation")
 HOST_TIERS = ("auto", "shared", "packed", "disk")
 PREFETCH_POLICIES = ("none", "activation", "lookahead")
+DEFAULT_FREQUENCY_WEIGHT = 2.0
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -68,6 +70,9 @@ class OffloadConfig:
     # MoE-Infinity's (1 - i/L) factor in the activation eviction score, which keeps early layers' experts longest;
     # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading.md)
     eviction_depth_factor: bool = False
+    # weight of each layer's expert-use frequencies beside the prediction in the activation eviction score (0: the
+    # paper's score alone); 2 measured best in the decision replay (docs/offloading.md, "A frequency prior")
+    eviction_frequency_weight: float = DEFAULT_FREQUENCY_WEIGHT
     prefetch: str = "lookahead"
     eamc_capacity: int = 120
     eamc_path: str | None = None
@@ -88,6 +93,12 @@ class OffloadConfig:
             raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
         if self.eviction_depth_factor and self.eviction != "activation":
             raise ValueError(f"expert_eviction_depth_factor applies to expert_eviction 'activation' only, not "
+                             f"{self.eviction!r}")
+        if not (self.eviction_frequency_weight >= 0 and math.isfinite(self.eviction_frequency_weight)):
+            raise ValueError(f"eviction_frequency_weight must be a finite number >= 0, got "
+                             f"{self.eviction_frequency_weight!r}")
+        if self.eviction_frequency_weight != DEFAULT_FREQUENCY_WEIGHT and self.eviction != "activation":
+            raise ValueError(f"expert_eviction_frequency_weight applies to expert_eviction 'activation' only, not "
                              f"{self.eviction!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}, got {self.prefetch!r}")
@@ -136,6 +147,7 @@ PARAMETER_KEYS = {
     "cache_budget": "expert_cache_budget",
     "eviction": "expert_eviction",
     "eviction_depth_factor": "expert_eviction_depth_factor",
+    "eviction_frequency_weight": "expert_eviction_frequency_weight",
     "prefetch": "expert_prefetch",
     "eamc_capacity": "eamc_capacity",
     "eamc_path": "eamc_path",
@@ -148,6 +160,11 @@ assert set(PARAMETER_KEYS) == {f.name for f in fields(OffloadConfig)}
 
 
 def _convert(name: str, raw: str):
+    if name == "eviction_frequency_weight":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
     if name in ("eamc_capacity", "eamc_top_matches"):
         try:
             return int(raw)
