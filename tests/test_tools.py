@@ -98,6 +98,25 @@ def test_main_job_with_the_loader_serves_the_same_tokens(tmp_path):
     assert not list(Path("/dev/shm").glob(f"tritonmoe-main-loader-{os.getuid()}/*"))
 
 
+def test_main_job_with_the_disk_tier_serves_the_same_tokens(tmp_path):
+    """--param expert_host_tier=disk: the job converts the default checkpoint once and serves it offloaded with
+    the experts read from the converted files; same greedy text as resident."""
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-tokens", "10",
+              "--arch", "qwen3_moe"]
+    plain = _serve(*common)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    r = _serve(*common, "--param", "expert_cache_budget=25%", "--param", "expert_host_tier=disk",
+               "--log", str(tmp_path / "server.log"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the host tier is the checkpoint's files on disk" in (tmp_path / "server.log").read_text()
+
+    def completion(out: str) -> str:
+        return out.split("prompt:", 1)[1].split("finish reason:", 1)[0]
+
+    assert completion(r.stdout) == completion(plain.stdout)
+
+
 def test_main_job_through_the_router_serves_the_same_tokens():
     """--router 2: two tritonservers behind the router; the first request loads the model on one of them and the
     completion streams through the router: the same greedy text as the plain main job; everything stops after."""

@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{pool.log_path})")
             overrides["engine_pool"] = pool.socket
             config = with_overrides(config, parameters=overrides)
+        if overrides.get("expert_host_tier", "").strip().lower() == "disk" and not a.loader:
+            # the disk tier serves the experts from a converted checkpoint's files
+            overrides["checkpoint"] = str(ensure_converted(Path(overrides["checkpoint"]), say))
+            config = with_overrides(config, parameters=overrides)
         if a.loader:
             loader, url, converted = start_loader(Path(overrides["checkpoint"]), a.loader_dram_budget, say)
             overrides.update(checkpoint=str(converted), loader_url=url)
@@ -256,14 +260,24 @@ def serve_through_router(a, overrides: dict, loader_url: str | None, pool_socket
         shutil.rmtree(work, ignore_errors=True)
 
 
-def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
-    """Convert ``checkpoint`` once (a no-op when already done), start a loader service on a free loopback port and
-    wait until it answers. Returns the process (``.shm_dir``: its DRAM cache), its URL and the converted folder."""
+def ensure_converted(checkpoint: Path, say) -> Path:
+    """``checkpoint`` in the loading-optimised format, converted once under $TRITONMOE_HOME/converted (a no-op when
+    already done, or when ``checkpoint`` is converted already)."""
+    from tritonmoe.backend.weights import is_converted
     from tritonmoe.loader.convert import convert
 
+    if is_converted(checkpoint):
+        return checkpoint
     t = time.perf_counter()
     converted = convert(checkpoint, tritonmoe_home() / "converted" / checkpoint.name, progress=False).dest
     say(f"converted checkpoint: {converted} ({time.perf_counter() - t:.2f}s)")
+    return converted
+
+
+def start_loader(checkpoint: Path, dram_budget: str, say) -> tuple[subprocess.Popen, str, Path]:
+    """Convert ``checkpoint`` once (a no-op when already done), start a loader service on a free loopback port and
+    wait until it answers. Returns the process (``.shm_dir``: its DRAM cache), its URL and the converted folder."""
+    converted = ensure_converted(checkpoint, say)
     root = tritonmoe_home() / "loader"
     proc, url = spawn_loader(root, Path("/dev/shm") / f"tritonmoe-main-loader-{os.getuid()}", dram_budget)
     say(f"loader service up at {url} (DRAM budget {dram_budget}; log {root / 'service.log'})")
