@@ -29,7 +29,7 @@ def test_expert_cache_budget_turns_offloading_on(tmp_path):
     ({"expert_cache_budget": "lots"}, "expert_cache_budget"),
     ({"expert_cache_budget": "1GiB", "expert_eviction": "fifo"}, "expert_eviction"),
     ({"expert_cache_budget": "1GiB", "expert_pin_host_memory": "yes"}, "expert_pin_host_memory"),
-    ({"expert_cache_budget": "1GiB", "expert_host_tier": "disk"}, "expert_host_tier"),
+    ({"expert_cache_budget": "1GiB", "expert_host_tier": "ssd"}, "expert_host_tier"),
     ({"expert_cache_budgt": "1GiB"}, "unknown parameter"),
     ({"max_num_seqs": "0"}, "max_num_seqs"),
     ({"report_metrics": "1"}, "true or false"),
