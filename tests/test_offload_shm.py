@@ -279,7 +279,7 @@ if __name__ == "__main__":
 
 
 # ---- pieces, without a GPU -----------------------------------------------------------------------------------------
-def _tiny_store(converted, arch: str, split: int | None = None):
+def _tiny_store(converted, arch: str, split: int | None = None, file_backed: bool = False):
     from tritonmoe.backend.offload.layout import ExpertLayout
     from tritonmoe.backend.weights import _grid_splitter
     from tritonmoe.loader.client import ShmCheckpoint
@@ -290,7 +290,8 @@ def _tiny_store(converted, arch: str, split: int | None = None):
     skeleton = meta_model(conv, torch.float32)
     layout = ExpertLayout.of_experts_module(experts_modules(skeleton)[0][1])
     return ckpt, PartsHostStore.from_sources(layout, expert_sources(ckpt, skeleton), keepalive=ckpt,
-                                             split_grid=_grid_splitter(split) if split else None)
+                                             split_grid=_grid_splitter(split) if split else None,
+                                             file_backed=file_backed)
 
 
 def test_parts_split_at_the_registration_grid(converted):
@@ -340,6 +341,16 @@ def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, mo
     eng.load_many(np.array([1]), 2, np.array([6]), urgent=True)
     sim.drain()
     assert sim.copied_bytes == [store.layout.slot_bytes] and torch.equal(pool[1], packed.buffer(2, 6))
+    # the disk tier's store (its parts view the converted files): a batch asks for its experts' bytes first
+    _, on_disk = _tiny_store(converted, "mixtral", file_backed=True)
+    asked, will_need = [], on_disk.will_need
+    eng, pool, sim = engine(on_disk, 2)
+    on_disk.will_need = lambda layers, experts: (asked.append((layers, experts.tolist(), sim.calls.count("copy"))),
+                                                 will_need(layers, experts))
+    eng.load_many(np.array([0, 1]), 2, np.array([4, 1]), urgent=False)
+    assert asked == [(2, [4, 1], 0)]  # once per batch, before its first copy is issued
+    sim.drain()
+    assert torch.equal(pool[0], on_disk.gather(2, 4)) and torch.equal(pool[1], on_disk.gather(2, 1))
 
 
 def cuda_reference(tmp_path: Path, arch: str):
