@@ -16,6 +16,8 @@ OFFLOAD_COUNTERS = {  # OffloadStats per-layer counter -> (metric, help)
     "prefetches_used": ("tritonmoe_expert_prefetches_used_total", "Prefetched experts used before eviction"),
     "demand_bytes": ("tritonmoe_expert_demand_bytes_total", "Bytes copied host->device on demand"),
     "prefetch_bytes": ("tritonmoe_expert_prefetch_bytes_total", "Bytes copied host->device by prefetching"),
+    "disk_bytes": ("tritonmoe_expert_disk_read_bytes_total",
+                   "Disk tier: bytes of copied experts that were not in the page cache (read from disk)"),
     "stall_s": ("tritonmoe_expert_stall_seconds_total", "Time the computation waited for expert data"),
 }
 OFFLOAD_RATES = {

@@ -346,7 +346,7 @@ def test_cuda_copy_engine_multipart_addresses_with_a_host_stand_in(converted, mo
     asked, will_need = [], on_disk.will_need
     eng, pool, sim = engine(on_disk, 2)
     on_disk.will_need = lambda layers, experts: (asked.append((layers, experts.tolist(), sim.calls.count("copy"))),
-                                                 will_need(layers, experts))
+                                                 will_need(layers, experts))[1]
     eng.load_many(np.array([0, 1]), 2, np.array([4, 1]), urgent=False)
     assert asked == [(2, [4, 1], 0)]  # once per batch, before its first copy is issued
     sim.drain()

@@ -58,7 +58,7 @@ class SyncCopyEngine:
                 layer = int(layers[i]) if per_expert else layers
                 self._pool[slot].copy_(self._store.buffer(layer, expert))
         else:  # an expert in a few parts (views of the loader's shared memory): one copy per part into the slot
-            self._store.will_need(layers, experts)
+            self._stats.add_disk_bytes(layers, self._store.will_need(layers, experts))
             for i, (slot, expert) in enumerate(zip(slots.tolist(), experts.tolist())):
                 layer = int(layers[i]) if per_expert else layers
                 dst = self._pool[slot]

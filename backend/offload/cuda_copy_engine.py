@@ -201,7 +201,7 @@ class CudaCopyEngine:
         ready = self._ready
         issued = self._issued
         if self._file_backed:  # the disk tier: start reading the whole batch from disk before the first copy
-            self._store.will_need(layers, experts)
+            self._stats.add_disk_bytes(layers, self._store.will_need(layers, experts))
         for i, (slot, expert) in enumerate(zip(slot_list, experts.tolist())):
             layer = layer_list[i] if per_expert else layers
             # The slot's old contents may still be read by issued kernels, or still be arriving on the other stream.

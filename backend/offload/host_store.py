@@ -133,15 +133,19 @@ class PartsHostStore:
     def parts(self, layer: int, expert: int) -> list[Part]:
         return self._parts[layer][expert]
 
-    def will_need(self, layers, experts: np.ndarray) -> None:
+    def will_need(self, layers, experts: np.ndarray) -> np.ndarray | None:
         """About to copy expert ``experts[i]`` of MoE layer ``layers`` (an int) or ``layers[i]``: on a file-backed
-        store, start reading all their bytes from disk now (``MADV_WILLNEED``); otherwise nothing."""
+        store, start reading all their bytes from disk now (``MADV_WILLNEED``) and return, per expert, how many of
+        its bytes were not in the page cache (``mincore``: what the disk has to supply); otherwise None."""
         if not self.file_backed:
-            return
+            return None
         per_expert = np.ndim(layers) > 0
+        missing = np.zeros(len(experts), dtype=np.int64)
         for i, expert in enumerate(experts.tolist()):
             for src, _ in self._parts[int(layers[i]) if per_expert else layers][expert]:
+                missing[i] += _bytes_not_cached(src)
                 _advise(src, mmap.MADV_WILLNEED)
+        return missing
 
     def gather(self, layer: int, expert: int) -> torch.Tensor:
         """A packed copy of one expert (uint8 ``[slot_bytes]``, padding zero): for checks, not for serving."""
@@ -209,14 +213,33 @@ _PAGE = mmap.PAGESIZE
 _libc = None
 
 
-def _advise(view: torch.Tensor, advice: int) -> None:
-    """``madvise`` over the pages a view of a memory map covers (advice only: a refusal changes nothing but speed)."""
+def _lib():
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return _libc
+
+
+def _pages(view: torch.Tensor) -> tuple[int, int]:
     start = view.data_ptr() // _PAGE * _PAGE
-    _libc.madvise(start, view.data_ptr() + view.numel() - start, advice)
+    return start, view.data_ptr() + view.numel() - start
+
+
+def _advise(view: torch.Tensor, advice: int) -> None:
+    """``madvise`` over the pages a view of a memory map covers (advice only: a refusal changes nothing but speed)."""
+    _lib().madvise(*_pages(view), advice)
+
+
+def _bytes_not_cached(view: torch.Tensor) -> int:
+    """Bytes of the pages a view of a file mapping covers that are not in the page cache (``mincore``; 0 where the
+    kernel will not say)."""
+    start, length = _pages(view)
+    vec = np.empty((length + _PAGE - 1) // _PAGE, dtype=np.uint8)
+    if _lib().mincore(start, length, vec.ctypes.data) != 0:
+        return 0
+    return min(int((vec & 1 == 0).sum()) * _PAGE, view.numel())
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

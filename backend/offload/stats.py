@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _COUNTERS = ("uses", "hits", "misses", "prefetches", "prefetches_used", "prefetches_wasted",
-             "demand_bytes", "prefetch_bytes")
+             "demand_bytes", "prefetch_bytes", "disk_bytes")
 FIELDS = _COUNTERS + ("stall_s", "host_s")  # every per-layer quantity :class:`OffloadStats` keeps
 
 
@@ -29,6 +29,7 @@ class OffloadStats:
     prefetches_wasted: np.ndarray = field(default=None)
     demand_bytes: np.ndarray = field(default=None)
     prefetch_bytes: np.ndarray = field(default=None)
+    disk_bytes: np.ndarray = field(default=None)  # disk tier: bytes of copied experts not in the page cache
     stall_s: np.ndarray = field(default=None)
     host_s: np.ndarray = field(default=None)
 
@@ -38,6 +39,15 @@ class OffloadStats:
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
         self.stall_s = np.zeros(self.num_layers)
         self.host_s = np.zeros(self.num_layers)
+
+    def add_disk_bytes(self, layers, missing: np.ndarray | None) -> None:
+        """``missing[i]``: bytes of expert ``i`` of a batch (MoE layer ``layers`` or ``layers[i]``) read from disk."""
+        if missing is None:
+            return
+        if np.ndim(layers):
+            np.add.at(self.disk_bytes, layers, missing)
+        else:
+            self.disk_bytes[layers] += int(missing.sum())
 
     def as_dict(self) -> dict:
         """Totals, rates and per-layer lists (plain Python numbers). Rates with an empty denominator are 0.0,
