@@ -143,6 +143,8 @@ def run_row(row: str, hf: Path, conv: Path, args) -> dict:
         # the CPU model reads in place from the mapping)
         moved = sum(stats[k] - before[k] for k in ("misses", "prefetches"))
         extra["moved_mb_per_token"] = moved * stats["slot_bytes"] / args.new_tokens / 1e6
+        # the engine's own count (mincore before each batch's copies) beside the kernel's read_bytes above
+        extra["disk_stat_mb_per_token"] = (stats["disk_bytes"] - before["disk_bytes"]) / args.new_tokens / 1e6
         offloader.close()
     return {"row": row, **result, "anon_mb_after_load": anon_load / 1e6, **extra}
 
@@ -175,7 +177,8 @@ def run(args) -> dict:
         rows.append(r)
         print(f"{row:22s} TPOT {r['tpot_ms']:8.2f} ms  TTFT {r['ttft_ms']:8.2f} ms  disk read "
               f"{r['disk_mb_per_token']:7.1f} MB/token"
-              + (f" (experts moved {r['moved_mb_per_token']:6.1f}, hit rate {r['hit_rate']:.2f})" if "hit_rate" in r else "")
+              + (f" (engine's count {r['disk_stat_mb_per_token']:6.1f}; experts moved {r['moved_mb_per_token']:6.1f},"
+                 f" hit rate {r['hit_rate']:.2f})" if "hit_rate" in r else "")
               + f"  anon +{r['anon_mb_after_load']:6.0f} MB after load  tokens "
               f"{'=' if r['tokens_equal_resident'] else '!='} resident", flush=True)
     base = next((r["tpot_ms"] for r in rows if r["row"] == "resident" and "tpot_ms" in r), None)
