@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,9 +86,22 @@ def test_tokens_hold_when_every_file_page_is_dropped_before_each_step(converted,
     loaded = load_for_serving(disk_config(conv), torch.device("cpu"))
     store = loaded.offloader.store
     assert store.file_backed
-    asked, will_need = [], store.will_need
-    store.will_need = lambda layers, experts: (asked.append(len(experts)), will_need(layers, experts))[1]
     files = sorted(conv.glob("partition-*.bin"))
+    # what will_need counts: right after the pages are dropped, an expert's bytes are all missing from the page
+    # cache (on tmpfs, where the files' pages are their storage and cannot be dropped, none are)
+    on_tmpfs = filesystem_type(conv) == "tmpfs"
+    drop_file_pages(files)
+    part_bytes = sum(src.numel() for src, _ in store.parts(1, 3))
+    assert store.will_need(1, np.array([3])).tolist() == [0 if on_tmpfs else part_bytes]
+    asked, counted, will_need = [], [], store.will_need
+
+    def spy(layers, experts):
+        asked.append(len(experts))
+        counted.append(will_need(layers, experts))
+        return counted[-1]
+
+    store.will_need = spy
+    before = loaded.offloader.stats()["disk_bytes"]
     hook = loaded.model.register_forward_pre_hook(lambda module, args: drop_file_pages(files))
     try:
         assert generate(loaded, ids) == want
@@ -95,11 +109,9 @@ def test_tokens_hold_when_every_file_page_is_dropped_before_each_step(converted,
         hook.remove()
     stats = loaded.offloader.stats()
     assert stats["misses"] > 0 and sum(asked) >= stats["misses"]
-    # what mincore saw missing from the page cache: on a disk, the dropped pages; on tmpfs (the files' pages are
-    # their storage and cannot be dropped) nothing
-    on_tmpfs = filesystem_type(conv) == "tmpfs"
-    assert (stats["disk_bytes"] == 0) if on_tmpfs else (stats["disk_bytes"] > 0)
-    assert stats["disk_bytes"] <= stats["bytes_moved"] + stats["num_slots"] * stats["slot_bytes"]
+    # every batch's count reached the stats (how many bytes were missing depends on the kernel's readahead of the
+    # non-expert weights around them, so that is not asserted here)
+    assert stats["disk_bytes"] - before == sum(int(c.sum()) for c in counted)
     # again without dropping: every page is cached now, nothing comes from the disk
     assert generate(loaded, ids) == want
     assert loaded.offloader.stats()["disk_bytes"] == stats["disk_bytes"]
@@ -126,7 +138,8 @@ def test_what_the_disk_tier_cannot_serve_is_refused_with_the_reason(converted, t
     with pytest.raises(CheckpointError, match="with loader_url"):
         load_for_serving(disk_config(conv, loader_url="http://127.0.0.1:1"), torch.device("cpu"))
     # float32 experts served as bfloat16 are not byte ranges of the file
-    with pytest.raises(CheckpointError, match="cannot serve the experts .* from its files: .*use expert_host_tier packed"):
+    with pytest.raises(CheckpointError,
+                       match="cannot serve the experts .* from its files: .*use expert_host_tier packed"):
         load_for_serving(disk_config(conv, dtype="bfloat16"), torch.device("cpu"))
 
 

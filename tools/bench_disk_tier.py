@@ -61,6 +61,7 @@ def drop_file_pages(paths: list[Path]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a file just written) are not dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -162,7 +163,8 @@ def run(args) -> dict:
     index = read_index(conv)
     expert_bytes = sum(index.tensors[n].bytes for e in index.experts for n in e.tensors)
     print(f"model: {args.arch}, {args.layers} layers x {args.experts} experts, {expert_bytes / 1e6:.0f} MB of "
-          f"experts ({expert_bytes / 1e6 / (args.layers * args.experts):.1f} MB each); cache {args.budget}%", flush=True)
+          f"experts ({expert_bytes / 1e6 / (args.layers * args.experts):.1f} MB each); cache {args.budget}%",
+          flush=True)
     rows, reference = [], None
     for row in args.rows:
         child = subprocess.run([sys.executable, "-m", "tritonmoe.tools.bench_disk_tier", "--child", row, str(hf),

@@ -113,7 +113,9 @@ class Feed:
     def __init__(self):
         self.indices: list[torch.Tensor] = []  # per MoE layer [rows, k] int64 on the device
         self.weights: torch.Tensor | None = None  # [rows, k]
-        self.lookahead: list[torch.Tensor] = []  # per MoE layer l: picks of layer l+1's router, flattened (CPU)
+        # per MoE layer l: picks of layer l+1's router, flattened, on the device as a real router's would be (so
+        # the offloader reads them back with the routing, as in serving)
+        self.lookahead: list[torch.Tensor] = []
 
 
 class ReplayRouter(torch.nn.Module):
@@ -308,7 +310,8 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
         feed.weights = torch.full((B * P, k), 1.0 / k, dtype=model.dtype, device=device)
         if lookahead:
             counts = traces.lookahead_prefill[group][:, first_moe:first_moe + L - 1].astype(np.int64).sum(axis=0)  # [L-1, E]
-            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c)) for c in counts]
+            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c), device=device)
+                              for c in counts]
         s0 = _snap(offloader)
         if offloader is not None:
             offloader.begin_forward(seq_ids, "prefill")
@@ -326,7 +329,8 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
             feed.indices = [dec_routes[l][:, t] for l in range(L)]
             if lookahead:
                 la = traces.lookahead[group][:, first_moe:first_moe + L - 1, t]  # [B, L-1, k]
-                feed.lookahead = [torch.as_tensor(la[:, l].astype(np.int64)).reshape(-1) for l in range(L - 1)]
+                la = torch.as_tensor(la.astype(np.int64), device=device)  # one copy; views per layer
+                feed.lookahead = [la[:, l].reshape(-1) for l in range(L - 1)]
             if offloader is not None:
                 offloader.begin_forward(seq_ids, "decode")
             ts = time.perf_counter()
@@ -851,7 +855,8 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
         off.begin_forward(seq_ids, "prefill")
         if lookahead:
             counts = traces.lookahead_prefill[group].astype(np.int64).sum(axis=0)
-            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c)) for c in counts]
+            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c), device=device)
+                              for c in counts]
         x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
         w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
         for layer in range(L):
@@ -862,7 +867,8 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
         for t in range(steps):
             if lookahead:
                 la = traces.lookahead[group][:, :, t]  # [B, L-1, k]
-                feed.lookahead = [torch.as_tensor(la[:, l].astype(np.int64)).reshape(-1) for l in range(L - 1)]
+                la = torch.as_tensor(la.astype(np.int64), device=device)  # one copy; views per layer
+                feed.lookahead = [la[:, l].reshape(-1) for l in range(L - 1)]
             x = torch.randn(B, hidden, generator=gen, device=device, dtype=dtype)
             s0 = _snap(off)
             ts = time.perf_counter()

@@ -150,13 +150,16 @@ class Offloader:
     def run_experts(self, layer: int, module: torch.nn.Module, hidden_states: torch.Tensor,
                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
-        routing = top_k_index.cpu().numpy()  # the one host sync per layer: what to fetch depends on it
+        # the one host sync per layer (what to fetch depends on it), which also brings back what the prefetch
+        # policy queued on the device for its plan (the lookahead's picks)
+        launched = self.prefetch_policy.launch(layer, hidden_states)
+        routing, launched = _read_back(top_k_index, launched)
         host_start = time.perf_counter()
         counts = self._counts_per_sequence(routing)
         self.tracer.record(layer, counts, None if self._resumed is None else self._resumed_counts(routing))
         if self.predictor is not None:
             self.predictor.observe(layer)
-        self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states))
+        self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states, launched))
 
         needed = np.flatnonzero(counts[0] if len(counts) == 1 else counts.sum(axis=0))
         # resident experts first: they fill the first round and are never evicted by a later round's fetches
@@ -243,6 +246,18 @@ class Offloader:
             raise ValueError(f"{max(self._resumed)} resumed tokens do not fit a sequence's {rows} rows")
         return np.stack([np.bincount(routing[(i + 1) * rows - n:(i + 1) * rows].ravel(),
                                      minlength=self.store.num_experts) for i, n in enumerate(self._resumed)])
+
+
+def _read_back(routing: torch.Tensor, launched: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``routing`` (and ``launched``, when given) on the host, with one device-to-host read where they share a
+    device."""
+    if launched is None:
+        return routing.cpu().numpy(), None
+    if launched.device != routing.device:
+        return routing.cpu().numpy(), launched.cpu().numpy()
+    flat = routing.reshape(-1)
+    both = torch.cat([flat, launched.to(flat.dtype)]).cpu().numpy()
+    return both[:flat.numel()].reshape(routing.shape), both[flat.numel():]
 
 
 def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -22,14 +22,22 @@ def _empty_plan() -> Plan:
 
 
 class PrefetchPolicy(Protocol):
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
-        """Experts to prefetch once MoE layer ``layer`` has routed ``hidden_states``, most urgent first."""
+    def launch(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Device work the plan needs, queued before the layer's routing is read back so that one read-back
+        returns both (an integer tensor on the routing's device), or None."""
+
+    def plan(self, layer: int, hidden_states: torch.Tensor, launched: np.ndarray | None = None) -> Plan:
+        """Experts to prefetch once MoE layer ``layer`` has routed ``hidden_states``, most urgent first;
+        ``launched``: what :meth:`launch` returned, read back to the host."""
 
 
 class NoPrefetch:
     """On-demand fetching only."""
 
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+    def launch(self, layer: int, hidden_states: torch.Tensor) -> None:
+        return None
+
+    def plan(self, layer: int, hidden_states: torch.Tensor, launched=None) -> Plan:
         return _empty_plan()
 
 
@@ -45,7 +53,10 @@ class ActivationPrefetch:
         self._resident = resident
         self._limit = limit
 
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+    def launch(self, layer: int, hidden_states: torch.Tensor) -> None:
+        return None
+
+    def plan(self, layer: int, hidden_states: torch.Tensor, launched=None) -> Plan:
         return self._predictor.prefetch_plan(layer, exclude=self._resident, limit=self._limit)
 
 
@@ -60,13 +71,18 @@ class RouterLookaheadPrefetch:
         self._refined = refined
 
     @torch.no_grad()
-    def plan(self, layer: int, hidden_states: torch.Tensor) -> Plan:
+    def launch(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The next layer's picks, counted per expert where the routing is (a small tensor, not every pick)."""
         if layer + 1 >= len(self.routers):
-            return _empty_plan()
+            return None
         # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
         top_k_index = self.routers[layer + 1].forward(hidden_states)[-1]
-        # counted where the routing is (one small read-back, not a Python list of every pick)
-        picks = torch.bincount(top_k_index.reshape(-1)).cpu().numpy()
+        return torch.bincount(top_k_index.reshape(-1))
+
+    def plan(self, layer: int, hidden_states: torch.Tensor, launched: np.ndarray | None = None) -> Plan:
+        if layer + 1 >= len(self.routers):
+            return _empty_plan()
+        picks = launched if launched is not None else self.launch(layer, hidden_states).cpu().numpy()
         if self._refined is not None:
             self._refined.refine(layer + 1, picks)
         experts = np.flatnonzero(picks)
