@@ -270,3 +270,27 @@ def test_lookahead_without_a_findable_router_is_a_clear_error(checkpoints):
         attach_offloading(model_with_hidden_routers(), OffloadConfig(), device="cpu")
     offloader = attach_offloading(model_with_hidden_routers(), OffloadConfig(prefetch="none"), device="cpu")
     assert offloader.num_slots > 0
+
+
+def test_one_read_back_brings_the_routing_and_the_lookahead_picks():
+    """The offloader reads a layer's routing and what the prefetch policy queued for its plan (the lookahead's
+    per-expert pick counts) back in one transfer; both arrive intact, and a plan made from them equals one made
+    by the policy reading its picks back itself."""
+    import numpy as np
+
+    from tritonmoe.backend.offload.offloader import _read_back
+    from tritonmoe.backend.offload.prefetch import RouterLookaheadPrefetch
+
+    class Router(torch.nn.Module):
+        def forward(self, h):
+            return None, None, (h[:, :2].abs() * 1000).long() % 8
+
+    routing = torch.tensor([[3, 1], [0, 7], [3, 5]])
+    policy = RouterLookaheadPrefetch([Router(), Router()])
+    h = torch.randn(3, 4)
+    launched = policy.launch(0, h)
+    got_routing, picks = _read_back(routing, launched)
+    assert np.array_equal(got_routing, routing.numpy()) and np.array_equal(picks, launched.numpy())
+    merged, alone = policy.plan(0, h, picks), policy.plan(0, h)
+    assert all(np.array_equal(a, b) for a, b in zip(merged, alone)) and len(merged[1]) > 0
+    assert policy.launch(1, h) is None and _read_back(routing, None)[1] is None  # the last layer: nothing ahead
