@@ -352,3 +352,24 @@ def test_plot_offload_trace_refuses_what_is_not_a_trace(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tritonmoe.tools.plot_offload_trace", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "not a JSON line" in out.stderr
+
+
+def test_plot_offload_trace_reads_a_trace_written_before_a_field_existed(tmp_path):
+    """A trace from an older engine (no ``disk_bytes`` column) still summarises: the missing field reads as zeros,
+    the others as written."""
+    import json as _json
+
+    from tritonmoe.backend.offload.trace_file import FIELDS
+    from tritonmoe.tools.plot_offload_trace import summarize
+
+    old_fields = [f for f in FIELDS if f != "disk_bytes"]
+    lines = [{"trace": "tritonmoe.offload", "version": 1, "model": "m", "layers": 2, "fields": old_fields}]
+    for step in (1, 2):
+        record = {"step": step, "t": 0.1 * step, "running": 1, "step_s": 0.01}
+        record.update({f: ([0.001, 0.002] if f.endswith("_s") else [3, 1]) for f in old_fields})
+        lines.append(record)
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in lines))
+    totals, arrays, _, _ = summarize(str(path))
+    assert totals["disk_bytes"] == 0 and arrays["disk_bytes"].shape == (2, 2)
+    assert totals["uses"] == 8 and totals["bytes_moved"] == 16

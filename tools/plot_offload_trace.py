@@ -23,14 +23,16 @@ def summarize(path: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray, np.nd
     """Totals of the file's last run, the per-step per-layer arrays ``[steps, layers]``, step times and times."""
     header, steps = read_trace(path)
     layers = header["layers"]
-    arrays = {name: np.array([s[name] for s in steps], dtype=float).reshape(len(steps), layers) for name in FIELDS}
+    # a field the file's writer did not have yet (an older trace) reads as zeros
+    arrays = {name: np.array([s.get(name, [0] * layers) for s in steps], dtype=float).reshape(len(steps), layers)
+              for name in FIELDS}
     step_s = np.array([s["step_s"] for s in steps], dtype=float)
     t = np.array([s["t"] for s in steps], dtype=float)
     tot = {name: float(a.sum()) for name, a in arrays.items()}
     n = max(len(steps), 1)
     totals = {"model": header.get("model", ""), "steps": len(steps), "layers": layers,
               "uses": int(tot["uses"]), **rates(tot),
-              "bytes_moved": int(tot["demand_bytes"] + tot["prefetch_bytes"]),
+              "bytes_moved": int(tot["demand_bytes"] + tot["prefetch_bytes"]), "disk_bytes": int(tot["disk_bytes"]),
               "stall_ms_per_step": 1e3 * tot["stall_s"] / n, "host_ms_per_step": 1e3 * tot["host_s"] / n,
               "step_ms_mean": 1e3 * float(step_s.mean()) if len(steps) else 0.0}
     return totals, arrays, step_s, t
