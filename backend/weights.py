@@ -209,8 +209,8 @@ def _load_with_disk_tier(cfg: EngineConfig, device: torch.device) -> LoadedModel
             raise CheckpointError(f"expert_host_tier 'disk' cannot serve the experts of {path} from its files: {e}; "
                                   f"use expert_host_tier packed") from e
         model = load_hf_model_from_shm(ckpt, "cpu", torch_dtype, experts_device="meta", phases=phases).eval()
-    except FormatError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
+    except (FormatError, OSError) as e:  # a missing or unreadable partition file too
+        raise CheckpointError(f"cannot load {path} with expert_host_tier 'disk': {e}") from e
     loaded = _finish(model, cfg, device, path, "tritonmoe", phases, host_store=host_store)
     log.info("loaded %s with the experts' host tier on disk (memory-mapped): %s", path,
              ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))

@@ -152,7 +152,7 @@ def corrupt_copy(conv: Path, dest: Path, damage) -> Path:
     return dest, expert
 
 
-def test_a_corrupt_or_truncated_checkpoint_fails_at_load_and_names_the_damage(converted, tmp_path):
+def test_a_corrupt_truncated_or_missing_partition_fails_at_load_and_names_the_damage(converted, tmp_path):
     _, conv = converted("qwen3_moe")
 
     def flip_a_byte(file: Path, entry):
@@ -173,6 +173,10 @@ def test_a_corrupt_or_truncated_checkpoint_fails_at_load_and_names_the_damage(co
     short, _ = corrupt_copy(conv, tmp_path / "truncated", truncate)
     with pytest.raises(CheckpointError, match="bytes but the index records"):
         load_for_serving(disk_config(short), torch.device("cpu"))
+
+    gone, _ = corrupt_copy(conv, tmp_path / "missing", lambda file, entry: file.unlink())
+    with pytest.raises(CheckpointError, match="with expert_host_tier 'disk': .*No such file"):
+        load_for_serving(disk_config(gone), torch.device("cpu"))
 
 
 @pytest.mark.gpu
