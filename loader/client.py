@@ -264,15 +264,11 @@ class ShmCheckpoint:
         this process's memory); raises :class:`~tritonmoe.loader.format.ChecksumError` naming the first bad one."""
         from concurrent.futures import ThreadPoolExecutor
 
-        import xxhash
-
-        from .format import ChecksumError
+        from .reader import check_checksum
 
         def check(item):
             name, entry = item
-            actual = xxhash.xxh3_64_hexdigest(self.raw(entry).numpy())  # releases the GIL: threads hash in parallel
-            if actual != entry.checksum:
-                raise ChecksumError(name, entry.checksum, actual, str(self.path / partition_file_name(entry.partition)))
+            check_checksum(name, entry, self.raw(entry), self.path)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="tritonmoe-verify") as pool:
             list(pool.map(check, self.index.tensors.items()))

@@ -168,15 +168,21 @@ class CheckpointReader:
     # -- checksums -------------------------------------------------------------------------------------------
 
     def _check(self, name: str, entry: TensorEntry, raw: torch.Tensor) -> None:
-        actual = xxhash.xxh3_64_hexdigest(raw.numpy())
-        if actual != entry.checksum:
-            raise ChecksumError(name, entry.checksum, actual, str(self.folder / partition_file_name(entry.partition)))
+        check_checksum(name, entry, raw, self.folder)
 
     def _check_all(self, items: dict[str, tuple[TensorEntry, torch.Tensor]]) -> None:
         # xxhash releases the GIL, so the read pool hashes tensors in parallel.
         futures = [self._pool.submit(self._check, name, entry, raw) for name, (entry, raw) in items.items()]
         for future in futures:
             future.result()
+
+
+def check_checksum(name: str, entry: TensorEntry, raw: torch.Tensor, folder: Path) -> None:
+    """Raise :class:`ChecksumError` unless the bytes ``raw`` of tensor ``name`` hash to its index's checksum
+    (xxhash releases the GIL: threads hash in parallel)."""
+    actual = xxhash.xxh3_64_hexdigest(raw.numpy())
+    if actual != entry.checksum:
+        raise ChecksumError(name, entry.checksum, actual, str(folder / partition_file_name(entry.partition)))
 
 
 def load_state_dict(folder: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True,

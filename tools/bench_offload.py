@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tritonmoe.backend.offload import OffloadConfig, attach_offloading
+from tritonmoe.backend.offload.config import DEFAULT_FREQUENCY_WEIGHT
 from tritonmoe.backend.offload.eam import EAMCollection
 from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
@@ -116,6 +117,15 @@ class Feed:
         # per MoE layer l: picks of layer l+1's router, flattened, on the device as a real router's would be (so
         # the offloader reads them back with the routing, as in serving)
         self.lookahead: list[torch.Tensor] = []
+
+    def set_lookahead_prefill(self, counts: np.ndarray, device) -> None:
+        """``counts[l, e]``: how often layer l+1's router picked expert e over the prompts."""
+        self.lookahead = [torch.as_tensor(np.repeat(np.arange(counts.shape[1]), c), device=device) for c in counts]
+
+    def set_lookahead_step(self, picks: np.ndarray, device) -> None:
+        """``picks[b, l]``: the experts layer l+1's router picked for sequence b at this decode step."""
+        picks = torch.as_tensor(picks.astype(np.int64), device=device)  # one copy; views per layer
+        self.lookahead = [picks[:, l].reshape(-1) for l in range(picks.shape[1])]
 
 
 class ReplayRouter(torch.nn.Module):
@@ -274,9 +284,9 @@ def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, 
     shutil.copy(eamc_master, eamc_path)
     bench.drop_resident(modules)
     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
-                        eviction_depth_factor=policy in DEPTH_FACTOR, eamc_capacity=eamc_capacity,
-                        eamc_path=eamc_path, **({"eviction_frequency_weight": 0.0} if policy in NO_FREQUENCY_PRIOR
-                                                else {}))
+                        eviction_depth_factor=policy in DEPTH_FACTOR,
+                        eviction_frequency_weight=0.0 if policy in NO_FREQUENCY_PRIOR else DEFAULT_FREQUENCY_WEIGHT,
+                        eamc_capacity=eamc_capacity, eamc_path=eamc_path)
     off = attach_offloading(model, cfg, device=device, host_store=store)
     lookahead = prefetch == "lookahead"
     if lookahead:
@@ -309,9 +319,8 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
         feed.indices = [routes[:, l, :P].reshape(B * P, k).to(device) for l in range(L)]
         feed.weights = torch.full((B * P, k), 1.0 / k, dtype=model.dtype, device=device)
         if lookahead:
-            counts = traces.lookahead_prefill[group][:, first_moe:first_moe + L - 1].astype(np.int64).sum(axis=0)  # [L-1, E]
-            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c), device=device)
-                              for c in counts]
+            feed.set_lookahead_prefill(
+                traces.lookahead_prefill[group][:, first_moe:first_moe + L - 1].astype(np.int64).sum(axis=0), device)
         s0 = _snap(offloader)
         if offloader is not None:
             offloader.begin_forward(seq_ids, "prefill")
@@ -328,9 +337,7 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
         for t in range(gen_len if counted or warmup_tokens is None else min(gen_len, warmup_tokens)):
             feed.indices = [dec_routes[l][:, t] for l in range(L)]
             if lookahead:
-                la = traces.lookahead[group][:, first_moe:first_moe + L - 1, t]  # [B, L-1, k]
-                la = torch.as_tensor(la.astype(np.int64), device=device)  # one copy; views per layer
-                feed.lookahead = [la[:, l].reshape(-1) for l in range(L - 1)]
+                feed.set_lookahead_step(traces.lookahead[group][:, first_moe:first_moe + L - 1, t], device)
             if offloader is not None:
                 offloader.begin_forward(seq_ids, "decode")
             ts = time.perf_counter()
@@ -854,9 +861,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
         seq_ids = [f"g{gi}r{r}" for r in group]
         off.begin_forward(seq_ids, "prefill")
         if lookahead:
-            counts = traces.lookahead_prefill[group].astype(np.int64).sum(axis=0)
-            feed.lookahead = [torch.as_tensor(np.repeat(np.arange(traces.num_experts), c), device=device)
-                              for c in counts]
+            feed.set_lookahead_prefill(traces.lookahead_prefill[group].astype(np.int64).sum(axis=0), device)
         x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
         w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
         for layer in range(L):
@@ -866,9 +871,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
                                                                                   args.warmup_tokens)
         for t in range(steps):
             if lookahead:
-                la = traces.lookahead[group][:, :, t]  # [B, L-1, k]
-                la = torch.as_tensor(la.astype(np.int64), device=device)  # one copy; views per layer
-                feed.lookahead = [la[:, l].reshape(-1) for l in range(L - 1)]
+                feed.set_lookahead_step(traces.lookahead[group][:, :, t], device)
             x = torch.randn(B, hidden, generator=gen, device=device, dtype=dtype)
             s0 = _snap(off)
             ts = time.perf_counter()

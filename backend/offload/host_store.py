@@ -143,8 +143,10 @@ class PartsHostStore:
         missing = np.zeros(len(experts), dtype=np.int64)
         for i, expert in enumerate(experts.tolist()):
             for src, _ in self._parts[int(layers[i]) if per_expert else layers][expert]:
-                missing[i] += _bytes_not_cached(src)
-                _advise(src, mmap.MADV_WILLNEED)
+                absent = _bytes_not_cached(src)
+                if absent:  # all cached (the usual warm case): nothing to ask for
+                    missing[i] += absent
+                    _advise(src, mmap.MADV_WILLNEED)
         return missing
 
     def gather(self, layer: int, expert: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ class OffloadStats:
         out = dict(total)
         out["bytes_moved"] = total["demand_bytes"] + total["prefetch_bytes"]
         out.update(rates(total))
-        out["per_layer"] = {name: getattr(self, name).tolist() for name in (*_COUNTERS, "stall_s", "host_s")}
+        out["per_layer"] = {name: getattr(self, name).tolist() for name in FIELDS}
         return out
 
 
