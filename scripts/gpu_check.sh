@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numpy, torch, transformers; print('numpy', numpy.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 stage "GPU tests"
-[ "${SKIP_TESTS:-0}" = 1 ] || timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_offload_cuda.py tests/test_offload_shm.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee "$out/gpu_tests.log" | tail -15
 stage "main job, KIND_GPU"
 set -o pipefail
 timeout 150 python3 -m tritonmoe.tools.serve --device gpu --max-tokens 48 --log "$out/serve_gpu.server.log" 2>&1 \

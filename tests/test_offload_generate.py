@@ -208,6 +208,7 @@ def test_slot_banks_wider_than_grouped_mm_allows_split_into_blocks(checkpoints, 
 
     monkeypatch.setattr(offloader_module, "MAX_GROUPS", 2)
     monkeypatch.setattr(offloader_module, "GATHER_MAX_BYTES", 0)  # no compact banks: the blocks are under test
+    monkeypatch.setattr(offloader_module, "GATHER_POOL_SHARE", 0)
     model, offloader = load_offloaded_model(checkpoints["mixtral"], "cpu", torch.float32,
                                             OffloadConfig(cache_budget="100%", eviction="lru", prefetch="none"))
     blocks = []
@@ -294,3 +295,18 @@ def test_one_read_back_brings_the_routing_and_the_lookahead_picks():
     merged, alone = policy.plan(0, h, picks), policy.plan(0, h)
     assert all(np.array_equal(a, b) for a, b in zip(merged, alone)) and len(merged[1]) > 0
     assert policy.launch(1, h) is None and _read_back(routing, None)[1] is None  # the last layer: nothing ahead
+
+
+def test_bank_plan_gathers_only_where_it_pays():
+    """The compact gather moves its experts' bytes twice: on a CPU (empty groups cost) it replaces any sparse bank;
+    on CUDA only a bank too wide for one grouped_mm call (else blocks); never beyond the byte limit."""
+    from tritonmoe.backend.offload.offloader import MAX_GROUPS, bank_plan
+
+    mib = 2**20
+    assert bank_plan(8, 8, 8 * mib, 256 * mib, empty_groups_cost=True) == "bank"  # contiguous
+    assert bank_plan(500, 8, 8 * mib, 256 * mib, empty_groups_cost=True) == "gather"
+    assert bank_plan(500, 8, 8 * mib, 256 * mib, empty_groups_cost=False) == "bank"
+    assert bank_plan(MAX_GROUPS + 1, 40, 400 * mib, 1024 * mib, empty_groups_cost=False) == "gather"
+    assert bank_plan(MAX_GROUPS + 1, 40, 400 * mib, 256 * mib, empty_groups_cost=False) == "blocks"
+    assert bank_plan(500, 40, 400 * mib, 256 * mib, empty_groups_cost=True) == "bank"  # too big to gather
+    assert bank_plan(MAX_GROUPS + 1, 600, 600 * mib, 2048 * mib, empty_groups_cost=True) == "blocks"  # not sparse

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tritonmoe.backend.offload import OffloadConfig, attach_offloading
+from tritonmoe.backend.offload import offloader as offloader_module
 from tritonmoe.backend.offload.config import DEFAULT_FREQUENCY_WEIGHT
 from tritonmoe.backend.offload.eam import EAMCollection
 from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
@@ -454,6 +455,8 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                 off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
                                                os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
                                                eamc_master, bench, model, modules, store, feed, device)
+                if args.prefetch_window_mib is not None:
+                    off.set_prefetch_window(int(args.prefetch_window_mib * 2**20) // slot_bytes)
                 r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
                                  lookahead, warmup_tokens=args.warmup_tokens)
                 off.close()
@@ -747,7 +750,7 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
     tmp = tempfile.mkdtemp(prefix="bench-eamc-")
     eamc_master = os.path.join(tmp, "eamc.npy")
     n_eamc = eamc_file(traces, args.new_tokens, args.eamc_capacity, eamc_master)
-    window = full_size_prefetch_window(args.shape)
+    window = full_size_prefetch_window(args.shape, args.prefetch_window_mib)
     log(f"  prefetch window {window} experts (full-size {args.shape} experts, bf16)")
     real_compute = offloader_mod.weighted_pair_outputs
     if args.compute == "none":
@@ -835,8 +838,9 @@ def prediction_precision(traces: Traces, gen_len: int = 32, capacity: int = 120,
     return {f"precision_at_k_{name}": float(np.mean(v)) for name, v in hits.items()}
 
 
-def full_size_prefetch_window(shape: str) -> int:
-    """The offloader's prefetch window for the full-size model's bf16 experts (built on the meta device)."""
+def full_size_prefetch_window(shape: str, window_mib: float | None = None) -> int:
+    """The offloader's prefetch window for the full-size model's bf16 experts (built on the meta device);
+    ``window_mib``: that many MiB instead of the offloader's ``PREFETCH_WINDOW_BYTES``."""
     import transformers as tf
 
     from tritonmoe.backend.offload.offloader import PREFETCH_WINDOW_BYTES
@@ -844,6 +848,8 @@ def full_size_prefetch_window(shape: str) -> int:
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(make_config(shape, layers=1), dtype=torch.bfloat16)
     slot_bytes = ExpertLayout.of_experts_module(_experts_modules(model)[0][1]).slot_bytes
+    if window_mib is not None:
+        return max(1, int(window_mib * 2**20) // slot_bytes)
     return max(2, PREFETCH_WINDOW_BYTES // slot_bytes)
 
 
@@ -971,6 +977,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups-b1", type=int, default=3, help="measured requests at batch 1")
     p.add_argument("--groups-bn", type=int, default=1, help="measured batches at batch > 1")
     p.add_argument("--eamc-capacity", type=int, default=120)
+    p.add_argument("--prefetch-window-mib", type=float, default=None,
+                   help="prefetch copies in flight at most, MiB (default: the offloader's PREFETCH_WINDOW_BYTES)")
+    p.add_argument("--gather-max-mib", type=float, default=None,
+                   help="largest compact bank the offloader gathers, MiB (default: the offloader's GATHER_MAX_BYTES or "
+                   "GATHER_POOL_SHARE of the cache, whichever is more)")
     p.add_argument("--host-layers", type=int, default=8, help="distinct pinned host layers (0: one per layer)")
     p.add_argument("--accelerate-layers", type=int, default=4)
     p.add_argument("--accelerate-budgets", type=int, nargs="+", default=[25])
@@ -999,6 +1010,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.shape or len(a.shape) != len(a.traces or []):
         raise SystemExit("give one --traces per --shape")
     device = torch.device(a.device)
+    if a.gather_max_mib is not None:
+        offloader_module.GATHER_MAX_BYTES = int(a.gather_max_mib * 2**20)
+        offloader_module.GATHER_POOL_SHARE = 0
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     env = {"command": "python -m tritonmoe.tools.bench_offload " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:]),
@@ -1007,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     env["transformers"] = transformers.__version__
+    env["gather_max_bytes"] = offloader_module.GATHER_MAX_BYTES
+    env["gather_pool_share"] = offloader_module.GATHER_POOL_SHARE
+    env["prefetch_window_bytes"] = (offloader_module.PREFETCH_WINDOW_BYTES if a.prefetch_window_mib is None
+                                    else int(a.prefetch_window_mib * 2**20))
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(json.dumps(env))
     env["h2d"] = measure_h2d(device)

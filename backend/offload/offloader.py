@@ -40,12 +40,17 @@ PREFETCH_WINDOW_BYTES = 64 * 2**20
 # computation sees spans at most this many slots, and a round whose slots span more runs one bank per block.
 MAX_GROUPS = 1023
 # A round whose slots lie far apart (a bank much wider than the experts used; always once a cache holds more than
-# ~1,000 experts and a layer's experts sit across it) reads its experts through a compact copy of just those
-# slots, made on the device by one gather, so the kernels see one group per expert used: one grouped_mm call
-# instead of one per block of MAX_GROUPS slots, and no empty groups (a CPU's grouped_mm costs ~1 us per group,
-# used or not). Only when the copy is at most GATHER_MAX_BYTES (transient device memory beside the cache) and the
-# bank is wider than both GATHER_MIN_BANK slots and GATHER_FACTOR x the experts used.
+# ~1,000 experts and a layer's experts sit across it) may read its experts through a compact copy of just those
+# slots, made on the device by one gather, so the kernels see one group per expert used and one grouped_mm call.
+# The gather moves every byte of those experts twice, so it pays only where the alternative costs more: on a CPU,
+# whose grouped_mm costs ~1 us per group, used or not, whenever the bank is wider than both GATHER_MIN_BANK slots
+# and GATHER_FACTOR x the experts used; on CUDA, where empty groups cost nothing measurable, only instead of
+# splitting into blocks of MAX_GROUPS slots (each block another pass through the expert forward's ~dozen launches;
+# H200, Qwen3-30B-A3B shapes at 25%, batch 8: 264 vs 285 ms per token; gathering where one bank would do cost
+# DeepSeek-V2-Lite shapes 218-326 vs 210-285 ms). The copy is transient device memory beside the cache: at most
+# GATHER_MAX_BYTES or GATHER_POOL_SHARE of the cache pool, whichever is more.
 GATHER_MAX_BYTES = 256 * 2**20
+GATHER_POOL_SHARE = 1 / 8
 GATHER_MIN_BANK = 64
 GATHER_FACTOR = 4
 
@@ -77,7 +82,7 @@ class Offloader:
         if config.prefetch == "activation":
             self.prefetch_policy = ActivationPrefetch(self.predictor, self.cache.resident_mask, limit=limit)
         elif config.prefetch == "lookahead":
-            self.prefetch_policy = RouterLookaheadPrefetch(routers, self.refined)
+            self.prefetch_policy = RouterLookaheadPrefetch(routers, self.refined, num_experts)
         else:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
@@ -199,8 +204,9 @@ class Offloader:
         lo, hi = int(slots.min()), int(slots.max())
         device = pair_inputs.device
         n = len(slots)
-        if (hi - lo + 1 > max(GATHER_MIN_BANK, GATHER_FACTOR * n)
-                and n * self.store.layout.slot_bytes <= GATHER_MAX_BYTES):
+        plan = bank_plan(hi - lo + 1, n, n * self.store.layout.slot_bytes, self._gather_max_bytes(),
+                         empty_groups_cost=device.type != "cuda")
+        if plan == "gather":
             # compact bank: group i = the round's expert i; one upload carries the slots and the pairs' groups
             slot_of[experts] = np.arange(n)
             both = _upload(np.concatenate([slots, slot_of[pair_experts]]), device)
@@ -208,7 +214,7 @@ class Offloader:
             words = torch.index_select(self.cache.pool_words, 0, both[:n])
             bank = self.store.layout.views(words.view(torch.uint8))
             out = weighted_pair_outputs(module, bank, pair_inputs, both[n:], pair_weights, used_slots=n)
-        elif hi - lo < MAX_GROUPS:  # one bank: slots lo..hi
+        elif plan == "bank":  # slots lo..hi
             out = weighted_pair_outputs(module, self.cache.views, pair_inputs,
                                         _upload(pair_slots - lo, device), pair_weights,
                                         first_slot=lo, used_slots=hi - lo + 1)
@@ -228,6 +234,9 @@ class Offloader:
         self.cache.release()
         return out
 
+    def _gather_max_bytes(self) -> int:
+        return max(GATHER_MAX_BYTES, int(GATHER_POOL_SHARE * self.num_slots * self.store.layout.slot_bytes))
+
     def _counts_per_sequence(self, routing: np.ndarray) -> np.ndarray:
         """``[row_groups, E]``: tokens routed to each expert, per sequence of the forward."""
         groups, experts = self._row_groups, self.store.num_experts
@@ -246,6 +255,17 @@ class Offloader:
             raise ValueError(f"{max(self._resumed)} resumed tokens do not fit a sequence's {rows} rows")
         return np.stack([np.bincount(routing[(i + 1) * rows - n:(i + 1) * rows].ravel(),
                                      minlength=self.store.num_experts) for i, n in enumerate(self._resumed)])
+
+
+def bank_plan(span: int, used: int, used_bytes: int, gather_max_bytes: int, empty_groups_cost: bool) -> str:
+    """How a round computes on ``used`` experts whose slots span ``span`` slots (``used_bytes`` in all):
+    ``"gather"`` (a compact copy of just those slots), ``"bank"`` (the slots in between as they are) or
+    ``"blocks"`` (one bank per block of ``MAX_GROUPS`` slots). See ``GATHER_MAX_BYTES``."""
+    fits_one = span <= MAX_GROUPS
+    sparse = span > max(GATHER_MIN_BANK, GATHER_FACTOR * used)
+    if sparse and used_bytes <= gather_max_bytes and (empty_groups_cost or not fits_one):
+        return "gather"
+    return "bank" if fits_one else "blocks"
 
 
 def _read_back(routing: torch.Tensor, launched: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:

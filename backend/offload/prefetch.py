@@ -66,9 +66,11 @@ class RouterLookaheadPrefetch:
     this is the issue's router-lookahead baseline; with activation-aware eviction (the default pair) the picks also
     ``refine`` the prediction that eviction reads."""
 
-    def __init__(self, routers: list[torch.nn.Module], refined: "LookaheadRefinedPrediction | None" = None):
+    def __init__(self, routers: list[torch.nn.Module], refined: "LookaheadRefinedPrediction | None" = None,
+                 num_experts: int | None = None):
         self.routers = routers
         self._refined = refined
+        self._num_experts = num_experts
 
     @torch.no_grad()
     def launch(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -76,8 +78,13 @@ class RouterLookaheadPrefetch:
         if layer + 1 >= len(self.routers):
             return None
         # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
-        top_k_index = self.routers[layer + 1].forward(hidden_states)[-1]
-        return torch.bincount(top_k_index.reshape(-1))
+        picks = self.routers[layer + 1].forward(hidden_states)[-1].reshape(-1)
+        if self._num_experts is None:
+            return torch.bincount(picks)
+        # a scatter, not torch.bincount: on CUDA bincount reads the largest pick back to size its output, a
+        # host sync per layer before the one the read-back makes anyway
+        counts = torch.zeros(self._num_experts, dtype=torch.int64, device=picks.device)
+        return counts.scatter_add_(0, picks.long(), torch.ones_like(picks, dtype=torch.int64))
 
     def plan(self, layer: int, hidden_states: torch.Tensor, launched: np.ndarray | None = None) -> Plan:
         if layer + 1 >= len(self.routers):
