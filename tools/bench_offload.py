@@ -27,6 +27,7 @@ Baselines: ``resident`` (all experts on the GPU, stock ``grouped_mm``), ``accele
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -48,6 +49,7 @@ from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
 from tritonmoe.backend.offload.stats import FIELDS, rates
+from tritonmoe.tools.offload_oracle import min_moved_per_step
 from tritonmoe.tools.train_routing import Traces
 
 POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth factor (DEPTH_FACTOR)
@@ -421,6 +423,12 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                   experts=modules[0].num_experts, top_k=traces.top_k, new_tokens=args.new_tokens,
                   prompt_len=traces.prompt_len, eamc_entries=n_eamc)
 
+    @functools.lru_cache(maxsize=None)
+    def min_moved(num_slots: int, groups: tuple) -> float:
+        """Experts Belady's MIN moves per decode step on this replay: what no policy can go below."""
+        return min_moved_per_step(traces, [list(g) for g in groups], args.new_tokens, args.warmup,
+                                  args.warmup_tokens, num_slots)
+
     for batch in args.batch:
         n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
         groups = groups_for(traces, batch, n_groups)
@@ -461,7 +469,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                                  lookahead, warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
-                           **_summary(r, slot_bytes))
+                           **_summary(r, slot_bytes), min_moved_per_step=min_moved(off.num_slots, tuple(map(tuple, groups))))
                 del off
                 _free(device)
                 results.append(res)
@@ -558,7 +566,8 @@ def _line(r: dict) -> str:
 
 def add_bounds(results: list[dict], h2d_GBps: float) -> None:
     """Per result: the physical bound ``(1 - hit) x expert bytes used per step / H2D`` (= demand bytes per step
-    / H2D), the same with every byte moved (prefetches too), and the issue's ratios."""
+    / H2D), the same with every byte moved (prefetches too), the floor no eviction policy goes below (Belady's
+    MIN's experts moved, ``tools/offload_oracle``), and the issue's ratios."""
     # the all-resident time: the mean of its measurements in the run (before and after the policies)
     measured: dict[tuple, list[float]] = {}
     for r in results:
@@ -574,8 +583,15 @@ def add_bounds(results: list[dict], h2d_GBps: float) -> None:
         bw = h2d_GBps * 1e9
         r["bound_transfer_s"] = (1 - r["decode_hit_rate"]) * r["decode_uses_per_step"] * r["slot_bytes"] / bw
         r["bound_all_bytes_s"] = (r["decode_demand_bytes_per_step"] + r["decode_prefetch_bytes_per_step"]) / bw
+        if r["bound_all_bytes_s"]:
+            r["tpot_over_all_bytes"] = r["tpot_s"] / r["bound_all_bytes_s"]  # the engine's overhead over its copies
+        if "min_moved_per_step" in r:
+            r["bound_min_transfer_s"] = r["min_moved_per_step"] * r["slot_bytes"] / bw
         res = resident.get((r["shape"], r["batch"]))
         if res is not None:
+            if "bound_min_transfer_s" in r:
+                r["floor_s"] = max(res, r["bound_min_transfer_s"])
+                r["tpot_over_floor"] = r["tpot_s"] / r["floor_s"]
             r["bound_s"] = max(res, r["bound_transfer_s"])
             r["tpot_over_bound"] = r["tpot_s"] / r["bound_s"]
             r["tpot_over_resident"] = r["tpot_s"] / res
@@ -588,14 +604,15 @@ def add_bounds(results: list[dict], h2d_GBps: float) -> None:
 
 def table(results: list[dict]) -> str:
     rows = ["| shape | batch | budget | policy | TPOT ms | TTFT ms | decode hit | precision | recall | "
-            "bound ms | TPOT / bound | TPOT / resident |", "|" + " --- |" * 12]
+            "bound ms | TPOT / bound | TPOT / resident | TPOT / moved | MIN floor ms |", "|" + " --- |" * 14]
     for r in results:
         f = lambda k, s=1.0, fmt="{:.2f}": fmt.format(r[k] * s) if k in r else "–"  # noqa: E731
         policy = r["policy"] + (f" ({r['measured']})" if "resident_drift" in r else "")
         rows.append(f"| {r['shape']} | {r['batch']} | {r['budget_pct']}% | {policy} | {f('tpot_s', 1e3)} | "
                     f"{f('ttft_s', 1e3, '{:.0f}')} | {f('decode_hit_rate', 1, '{:.3f}')} | "
                     f"{f('decode_prefetch_precision', 1, '{:.3f}')} | {f('decode_prefetch_recall', 1, '{:.3f}')} | "
-                    f"{f('bound_s', 1e3)} | {f('tpot_over_bound')} | {f('tpot_over_resident')} |")
+                    f"{f('bound_s', 1e3)} | {f('tpot_over_bound')} | {f('tpot_over_resident')} | "
+                    f"{f('tpot_over_all_bytes')} | {f('floor_s', 1e3)} |")
     return "\n".join(rows)
 
 
@@ -765,6 +782,12 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                                 first_slot=0)
         offloader_mod.weighted_pair_outputs = compact
     results = []
+
+    @functools.lru_cache(maxsize=None)
+    def min_moved(num_slots: int, groups: tuple) -> float:
+        return min_moved_per_step(traces, [list(g) for g in groups], args.new_tokens, args.warmup,
+                                  args.warmup_tokens, num_slots)
+
     try:
         for batch in args.batch:
             groups = groups_for(traces, batch, args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn))
@@ -779,11 +802,14 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                     res = dict(shape=args.shape, layers=L, experts=E, top_k=k, hidden=H, policy=policy,
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
                                compute=args.compute, **r)
+                    res["moved_per_step"] = res["decode_misses_per_step"] + res["decode_prefetches_per_step"]
+                    res["min_moved_per_step"] = min_moved(off.num_slots, tuple(map(tuple, groups)))
                     results.append(res)
                     log(f"  {policy:>10} B={batch} budget={budget:>3}%  host {res['host_ms_per_token']:7.2f} ms/token "
                         f"= {res['host_ms_per_layer']:.3f} ms/layer (median step {res['host_ms_per_token_median']:.2f})"
                         f"  driver {res['wall_ms_per_token']:7.2f} ms/token  hit {res['decode_hit_rate']:.3f}  prec "
-                        f"{res['decode_prefetch_precision']:.3f}  rec {res['decode_prefetch_recall']:.3f}")
+                        f"{res['decode_prefetch_precision']:.3f}  rec {res['decode_prefetch_recall']:.3f}  moved "
+                        f"{res['moved_per_step']:.1f}/step (MIN {res['min_moved_per_step']:.1f})")
                     save(results)
                     for m in modules:
                         delattr(m, HANDLE_ATTR)
