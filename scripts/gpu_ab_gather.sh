@@ -4,9 +4,7 @@
 # Results in $OUT/ab_<shape>_g<MiB>_w<MiB>.json.
 set -u
 cd "$(dirname "$0")/.."
-pkg=/tmp/offload-pkg; rm -rf $pkg && mkdir -p $pkg/tritonmoe && cp tritonmoe/__init__.py $pkg/tritonmoe/ \
-  && cp -r backend $pkg/tritonmoe/backend && cp -r tools $pkg/tritonmoe/tools
-export PYTHONPATH=$pkg PYTHONUNBUFFERED=1
+source scripts/gpu_offload_pkg.sh
 for shape in ${SHAPES:-qwen3}; do
   for g in ${GATHER_MIB:-2048}; do
     for w in ${WINDOW_MIB:-64}; do

@@ -4,9 +4,7 @@
 set -u
 cd "$(dirname "$0")/.."
 repo=$PWD
-pkg=/tmp/offload-pkg; rm -rf $pkg && mkdir -p $pkg/tritonmoe && cp tritonmoe/__init__.py $pkg/tritonmoe/ \
-  && cp -r backend $pkg/tritonmoe/backend && cp -r tools $pkg/tritonmoe/tools
-export PYTHONPATH=$pkg PYTHONUNBUFFERED=1
+source scripts/gpu_offload_pkg.sh
 (cd /tmp && timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -x -p no:cacheprovider -m gpu "$repo/tests/test_offload_cuda.py" 2>&1 | tail -4 | tee $OUT/gpu_tests.log)
 for shape in ${SHAPES:-qwen3 dsv2lite}; do
   timeout ${BENCH_TIMEOUT:-90} python3 -m tritonmoe.tools.bench_offload --shape $shape --traces runs/routing/gpu/$shape.npz \

@@ -9,13 +9,7 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 out=${OUT:-$repo/gpu-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-pkg=/tmp/offload-pkg
-rm -rf "$pkg" && mkdir -p "$pkg/tritonmoe"
-cp tritonmoe/__init__.py "$pkg/tritonmoe/" && cp -r backend "$pkg/tritonmoe/backend" && cp -r tools "$pkg/tritonmoe/tools"
-export PYTHONPATH=$pkg
-if ! python3 -c "import cuda.bindings.runtime" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site runs/wheels/*.whl && export PYTHONPATH=$pkg:/tmp/site
-fi
+source scripts/gpu_offload_pkg.sh
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, numpy, cuda.bindings; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda-bindings', cuda.bindings.__version__)"

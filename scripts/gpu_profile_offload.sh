@@ -2,8 +2,8 @@
 # On the GPU machine (carry runs/routing/gpu): cProfile of the offloading benchmark, one policy and batch per file
 # ($OUT/prof_<policy>_b<batch>.out; read with python -m pstats).
 set -u
-pkg=/tmp/offload-pkg; rm -rf $pkg && mkdir -p $pkg/tritonmoe && cp tritonmoe/__init__.py $pkg/tritonmoe/ && cp -r backend $pkg/tritonmoe/backend && cp -r tools $pkg/tritonmoe/tools
-export PYTHONPATH=$pkg PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+source scripts/gpu_offload_pkg.sh
 for p in lookahead lfu+lookahead activation_freq+lookahead; do
   for b in 8 1; do
     n=$(echo $p | tr '+' '_')_b$b
