@@ -113,6 +113,9 @@ def test_benchmark_harness_replays_traces_through_every_policy(traces, tmp_path,
             assert sum(r["decode_stall_ms_per_layer"]) == pytest.approx(1e3 * r["decode_stall_s_per_step"], abs=1e-2)
         if r["policy"] in ("lru", "lfu"):
             assert r["decode_prefetch_bytes_per_step"] == 0 and r["decode_prefetch_precision"] == 0.0
+            # demand-only: no cache copies fewer experts than Belady's MIN on the same replay
+            assert r["min_moved_per_step"] <= r["decode_misses_per_step"] + 1e-9
+            assert r["floor_s"] >= r["bound_min_transfer_s"] and r["tpot_over_floor"] > 0
         if r["policy"] == "activation":
             assert r["eamc_entries"] == min(8, (t.split == "eamc").sum()) > 0  # EAMC capacity 8
 

@@ -396,6 +396,17 @@ def groups_for(traces: Traces, batch: int, n_groups: int) -> list[list[int]]:
     return [ev[i * batch:(i + 1) * batch] for i in range(n_groups)]
 
 
+def min_moved(args, traces: Traces, groups: list[list[int]], num_slots: int) -> float:
+    """Experts Belady's MIN copies per decode step on this replay (``tools/offload_oracle``): no policy copies
+    fewer. Once per batch and cache size (the policies of a run share it)."""
+    return _min_moved(traces, tuple(map(tuple, groups)), args.new_tokens, args.warmup, args.warmup_tokens, num_slots)
+
+
+@functools.lru_cache(maxsize=64)
+def _min_moved(traces, groups: tuple, new_tokens: int, warmup: int, warmup_tokens, num_slots: int) -> float:
+    return min_moved_per_step(traces, [list(g) for g in groups], new_tokens, warmup, warmup_tokens, num_slots)
+
+
 def _free(device):
     gc.collect()
     if device.type == "cuda":
@@ -422,12 +433,6 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
     common = dict(shape=args.shape, slot_bytes=slot_bytes, layers=len(modules),
                   experts=modules[0].num_experts, top_k=traces.top_k, new_tokens=args.new_tokens,
                   prompt_len=traces.prompt_len, eamc_entries=n_eamc)
-
-    @functools.lru_cache(maxsize=None)
-    def min_moved(num_slots: int, groups: tuple) -> float:
-        """Experts Belady's MIN moves per decode step on this replay: what no policy can go below."""
-        return min_moved_per_step(traces, [list(g) for g in groups], args.new_tokens, args.warmup,
-                                  args.warmup_tokens, num_slots)
 
     for batch in args.batch:
         n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
@@ -469,7 +474,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                                  lookahead, warmup_tokens=args.warmup_tokens)
                 off.close()
                 res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
-                           **_summary(r, slot_bytes), min_moved_per_step=min_moved(off.num_slots, tuple(map(tuple, groups))))
+                           **_summary(r, slot_bytes), min_moved_per_step=min_moved(args, traces, groups, off.num_slots))
                 del off
                 _free(device)
                 results.append(res)
@@ -783,11 +788,6 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
         offloader_mod.weighted_pair_outputs = compact
     results = []
 
-    @functools.lru_cache(maxsize=None)
-    def min_moved(num_slots: int, groups: tuple) -> float:
-        return min_moved_per_step(traces, [list(g) for g in groups], args.new_tokens, args.warmup,
-                                  args.warmup_tokens, num_slots)
-
     try:
         for batch in args.batch:
             groups = groups_for(traces, batch, args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn))
@@ -803,7 +803,7 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
                                compute=args.compute, **r)
                     res["moved_per_step"] = res["decode_misses_per_step"] + res["decode_prefetches_per_step"]
-                    res["min_moved_per_step"] = min_moved(off.num_slots, tuple(map(tuple, groups)))
+                    res["min_moved_per_step"] = min_moved(args, traces, groups, off.num_slots)
                     results.append(res)
                     log(f"  {policy:>10} B={batch} budget={budget:>3}%  host {res['host_ms_per_token']:7.2f} ms/token "
                         f"= {res['host_ms_per_layer']:.3f} ms/layer (median step {res['host_ms_per_token_median']:.2f})"
