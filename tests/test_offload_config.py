@@ -53,8 +53,8 @@ def test_the_depth_factor_is_off_by_default_and_only_for_activation_eviction():
 
     assert not OffloadConfig().eviction_depth_factor
     on = OffloadConfig.from_parameters({"expert_eviction_depth_factor": "TRUE"})
-    assert on.eviction_depth_factor and on.eviction == "activation"
-    with pytest.raises(ValueError, match="applies to expert_eviction 'activation' only, not 'lru'"):
+    assert on.eviction_depth_factor and on.eviction == "auto"
+    with pytest.raises(ValueError, match="applies to expert_eviction 'activation' and 'auto' only, not 'lru'"):
         OffloadConfig.from_parameters({"expert_eviction": "lru", "expert_eviction_depth_factor": "true"})
     assert OffloadConfig().eviction_frequency_weight == 2.0
     assert OffloadConfig.from_parameters({"expert_eviction_frequency_weight": "0.5"}).eviction_frequency_weight == 0.5
@@ -64,6 +64,7 @@ def test_the_depth_factor_is_off_by_default_and_only_for_activation_eviction():
     for factor in (False, True):
         policy = make_eviction_policy("activation", predictor, factor)
         assert isinstance(policy, ActivationAwareEviction) and policy.depth_weighted == factor
+        assert make_eviction_policy("auto", predictor, factor).activation.depth_weighted == factor
 
 
 def test_every_field_has_a_documented_key():

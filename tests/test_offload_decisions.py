@@ -249,3 +249,47 @@ def test_lookahead_refines_what_activation_eviction_reads(batch):
     assert refined["uses"] == plain["uses"]
     assert refined["prefetch_recall"] > plain["prefetch_recall"]
     assert refined["hit_rate"] > plain["hit_rate"]
+
+
+def test_auto_eviction_is_lru_for_one_sequence_and_activation_for_batches():
+    """``expert_eviction: auto`` (the default): a forward of one sequence decides exactly as LRU eviction does, with
+    no EAMC matching; forwards of several decide exactly as activation-aware eviction does; uses are counted in
+    both modes, so the frequency prior is current when a batch forms."""
+    from tritonmoe.backend.offload.eviction import BatchAwareEviction
+
+    shape = SMALL
+    L, E, k, H = shape["layers"], shape["experts"], shape["top_k"], shape["hidden"]
+    modules = experts_modules(L, E, H)
+    store = HostExpertStore.from_experts_modules(modules, pin=False)
+    routing = clustered_routing(12, L, E, k, shape["prompt_len"] + shape["decode"])
+    routers = [TopKRouter(H, E, k, seed=10 + i) for i in range(L)]
+
+    def cfg(eviction):
+        return OffloadConfig(cache_budget="25%", eviction=eviction, prefetch="lookahead", eamc_capacity=5,
+                             eamc_top_matches=2)
+
+    def run(eviction, groups):
+        return drive(current, modules, store, routers, cfg(eviction), routing, groups, shape["prompt_len"], H, "none")
+
+    singles = [[r] for r in range(6)]
+    batches = [[6, 7, 8], [9, 10, 11]]
+    auto_single, lru = run("auto", singles), run("lru", singles)
+    assert auto_single["calls"] == lru["calls"] and np.array_equal(auto_single["slot_of"], lru["slot_of"])
+    auto_batch, activation = run("auto", batches), run("activation", batches)
+    assert auto_batch["calls"] == activation["calls"] and np.array_equal(auto_batch["slot_of"], activation["slot_of"])
+    assert auto_batch["calls"] != run("lru", batches)["calls"]  # the batch mode is not LRU here
+
+    off = current.Offloader(cfg("auto"), store, torch.device("cpu"), routers)
+    observed = []
+    real_observe = off.predictor.observe
+    off.predictor.observe = lambda layer: observed.append(layer) or real_observe(layer)
+    x, w = torch.randn(1, H), torch.full((1, k), 1.0 / k)
+    off.begin_forward(["a"], "decode")
+    assert isinstance(off.cache.eviction, BatchAwareEviction) and off.cache.eviction.single
+    for layer in range(L):
+        off.run_experts(layer, modules[layer], x, torch.as_tensor(routing[0, layer, :1]), w)
+    assert observed == [] and off.cache.eviction.activation._uses.sum() == L * k  # counted, not matched
+    off.begin_forward(["a", "b"], "decode")
+    assert not off.cache.eviction.single and not off.cache.eviction.always_admits
+    off.run_experts(0, modules[0], x.repeat(2, 1), torch.as_tensor(routing[:2, 0, 0]), w.repeat(2, 1))
+    assert observed == [0]

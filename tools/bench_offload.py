@@ -65,6 +65,8 @@ POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth fa
     "activation+lookahead": ("activation", "lookahead"),
     "activation_flat+lookahead": ("activation", "lookahead"),
     "activation_freq+lookahead": ("activation", "lookahead"),
+    # the serving default since 2026-12-01 (session 9): activation_freq+lookahead for batches, lookahead (+LRU) alone
+    "auto+lookahead": ("auto", "lookahead"),
 }
 DEPTH_FACTOR = {"activation", "activation+lookahead"}
 NO_FREQUENCY_PRIOR = {"activation", "activation+lookahead", "activation_flat+lookahead"}

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-EVICTION_POLICIES = ("lru", "lfu", "activation")
+EVICTION_POLICIES = ("lru", "lfu", "activation", "auto")
+ACTIVATION_EVICTION = ("activation", "auto")  # the policies that read the activation prediction
 HOST_TIERS = ("auto", "shared", "packed", "disk")
 PREFETCH_POLICIES = ("none", "activation", "lookahead")
 DEFAULT_FREQUENCY_WEIGHT = 2.0
@@ -66,7 +67,8 @@ class OffloadConfig:
     """Knobs of expert offloading. Field name -> Triton parameter key in ``PARAMETER_KEYS``."""
 
     cache_budget: str = "25%"
-    eviction: str = "activation"
+    # "auto": activation-aware eviction for forwards of two or more sequences, LRU for one (eviction.BatchAwareEviction)
+    eviction: str = "auto"
     # MoE-Infinity's (1 - i/L) factor in the activation eviction score, which keeps early layers' experts longest;
     # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading.md)
     eviction_depth_factor: bool = False
@@ -91,15 +93,15 @@ class OffloadConfig:
         ExpertBudget.parse(self.cache_budget)
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
-        if self.eviction_depth_factor and self.eviction != "activation":
-            raise ValueError(f"expert_eviction_depth_factor applies to expert_eviction 'activation' only, not "
-                             f"{self.eviction!r}")
+        if self.eviction_depth_factor and self.eviction not in ACTIVATION_EVICTION:
+            raise ValueError(f"expert_eviction_depth_factor applies to expert_eviction 'activation' and 'auto' only, "
+                             f"not {self.eviction!r}")
         if not (self.eviction_frequency_weight >= 0 and math.isfinite(self.eviction_frequency_weight)):
             raise ValueError(f"eviction_frequency_weight must be a finite number >= 0, got "
                              f"{self.eviction_frequency_weight!r}")
-        if self.eviction_frequency_weight != DEFAULT_FREQUENCY_WEIGHT and self.eviction != "activation":
-            raise ValueError(f"expert_eviction_frequency_weight applies to expert_eviction 'activation' only, not "
-                             f"{self.eviction!r}")
+        if self.eviction_frequency_weight != DEFAULT_FREQUENCY_WEIGHT and self.eviction not in ACTIVATION_EVICTION:
+            raise ValueError(f"expert_eviction_frequency_weight applies to expert_eviction 'activation' and 'auto' "
+                             f"only, not {self.eviction!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}, got {self.prefetch!r}")
         if self.eamc_capacity < 1:
@@ -122,7 +124,7 @@ class OffloadConfig:
     @property
     def uses_activation_prediction(self) -> bool:
         """Whether any policy needs the EAM tracer and the EAMC matcher."""
-        return self.eviction == "activation" or self.prefetch == "activation"
+        return self.eviction in ACTIVATION_EVICTION or self.prefetch == "activation"
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "OffloadConfig":

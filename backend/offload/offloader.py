@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from .cache import ExpertCache
-from .config import OffloadConfig
+from .config import ACTIVATION_EVICTION, OffloadConfig
 from .copy_engine import make_copy_engine
 from .eam import PHASES, ActivationPredictor, ActivationTracer, EAMCollection
-from .eviction import make_eviction_policy
+from .eviction import BatchAwareEviction, make_eviction_policy
 from .experts_forward import (EXPERTS_IMPLEMENTATION, HANDLE_ATTR, register_experts_implementation,
                               weighted_pair_outputs)
 from .host_store import HostExpertStore
@@ -70,7 +70,7 @@ class Offloader:
                           if config.uses_activation_prediction else None)
         # activation-aware eviction beside the lookahead prefetch: the lookahead's picks refine what eviction reads
         self.refined = (LookaheadRefinedPrediction(self.predictor)
-                        if config.eviction == "activation" and config.prefetch == "lookahead" else None)
+                        if config.eviction in ACTIVATION_EVICTION and config.prefetch == "lookahead" else None)
         self._stats = OffloadStats(num_layers)
         engine = make_copy_engine(device, self.num_slots, self._stats)
         eviction = make_eviction_policy(config.eviction, self.refined or self.predictor, config.eviction_depth_factor,
@@ -89,6 +89,7 @@ class Offloader:
         if config.prefetch != "none":  # a round's prefetches take the victims after its demand ones
             self.cache.victim_lookahead = window
         self._row_groups = 1  # sequences in the current forward (1 until begin_forward says otherwise)
+        self._observe = self.predictor is not None  # whether run_experts refreshes the prediction
         self._resumed: list[int] | None = None  # per sequence, its last rows that are resumed tokens (a prefill)
         self._expert_dtype = self.cache.views[store.layout.names[0]].dtype
         self._slot_of = np.zeros(num_experts, dtype=np.int64)  # scratch: expert -> slot of the current round
@@ -130,6 +131,13 @@ class Offloader:
             self.predictor.begin_forward(eams, phase)
         if self.refined is not None:
             self.refined.begin_forward()
+        eviction = self.cache.eviction
+        if isinstance(eviction, BatchAwareEviction):
+            eviction.set_sequences(len(seq_ids))
+            # one sequence: eviction is LRU, and nothing else reads the prediction unless the prefetch does
+            self._observe = self.predictor is not None and (not eviction.single or self.config.prefetch == "activation")
+        else:
+            self._observe = self.predictor is not None
 
     def end_sequence(self, seq_id: str) -> None:
         """A request finished or was cancelled: its EAM joins the EAMC."""
@@ -162,7 +170,7 @@ class Offloader:
         host_start = time.perf_counter()
         counts = self._counts_per_sequence(routing)
         self.tracer.record(layer, counts, None if self._resumed is None else self._resumed_counts(routing))
-        if self.predictor is not None:
+        if self._observe:
             self.predictor.observe(layer)
         self.prefetch_queue.replace(self.prefetch_policy.plan(layer, hidden_states, launched))
 
