@@ -12,7 +12,7 @@ for shape in ${SHAPES:-qwen3}; do
       timeout ${AB_TIMEOUT:-200} python3 -m tritonmoe.tools.bench_offload --shape $shape \
         --traces runs/routing/gpu/$shape.npz --budgets 25 --batch ${BATCH:-8 1} --gather-max-mib $g \
         --prefetch-window-mib $w --policies ${POLICIES:-lookahead lfu+lookahead activation_freq+lookahead} \
-        --new-tokens 32 --groups-b1 2 --groups-bn 1 --warmup-tokens 4 --out $OUT/ab_${shape}_g${g}_w${w}.json 2>&1 \
+        --new-tokens 32 --groups-b1 2 --groups-bn 1 --warmup-tokens 4 --rounds ${ROUNDS:-1} --out $OUT/ab_${shape}_g${g}_w${w}.json 2>&1 \
         | grep -E "TPOT|rror"
     done
   done

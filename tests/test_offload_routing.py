@@ -170,3 +170,25 @@ def test_synthetic_traces_have_the_shape_and_clusters_in_both_splits():
     np.fill_diagonal(same, False)
     other = clusters[:, None] != clusters[None, :]
     assert sims[same].mean() > sims[other].mean()
+
+
+def test_benchmark_rounds_alternate_the_order_and_report_the_median_round(traces, tmp_path, capsys):
+    """``--rounds``: each policy runs once per round, odd rounds in reverse order (no policy always first), and
+    its row is its median round with every round's time beside it."""
+    import json
+
+    from tritonmoe.tools import bench_offload
+
+    t, _, _ = traces
+    out = tmp_path / "bench.json"
+    bench_offload.main(["--device", "cpu", "--dtype", "float32", "--small", "--shape", "dsv2lite", "--traces",
+                        str(t.path), "--new-tokens", "2", "--budgets", "25", "--batch", "1", "--groups-b1", "1",
+                        "--policies", "lru", "lookahead", "--rounds", "3", "--eamc-capacity", "8", "--out", str(out)])
+    rows = json.load(open(out))["results"]
+    assert [r["policy"] for r in rows] == ["lru", "lookahead"]
+    for r in rows:
+        assert len(r["tpot_rounds_s"]) == 3 and r["tpot_s"] == sorted(r["tpot_rounds_s"])[1]
+    log = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "[round" in line]
+    assert log == ["lru", "lookahead", "lookahead", "lru", "lru", "lookahead"]
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench_offload.main(["--rounds", "0", "--shape", "dsv2lite", "--traces", str(t.path)])

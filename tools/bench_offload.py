@@ -465,23 +465,29 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
             except Exception as e:  # noqa: BLE001 -- a baseline's failure must not lose the engine's results
                 log(f"accelerate baseline failed: {type(e).__name__}: {e}")
             save(results)
+        policies = [p for p in args.policies if p in POLICIES]
         for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
-            for policy in [p for p in args.policies if p in POLICIES]:
-                off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
-                                               os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
-                                               eamc_master, bench, model, modules, store, feed, device)
-                if args.prefetch_window_mib is not None:
-                    off.set_prefetch_window(int(args.prefetch_window_mib * 2**20) // slot_bytes)
-                r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                 lookahead, warmup_tokens=args.warmup_tokens)
-                off.close()
-                res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
-                           **_summary(r, slot_bytes), min_moved_per_step=min_moved(args, traces, groups, off.num_slots))
-                del off
-                _free(device)
-                results.append(res)
-                log(_line(res))
-                save(results)
+            runs: dict[str, list[dict]] = {p: [] for p in policies}
+            for rnd in range(args.rounds):  # odd rounds in reverse order: no policy always runs first
+                for policy in (policies if rnd % 2 == 0 else policies[::-1]):
+                    off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
+                                                   os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
+                                                   eamc_master, bench, model, modules, store, feed, device)
+                    if args.prefetch_window_mib is not None:
+                        off.set_prefetch_window(int(args.prefetch_window_mib * 2**20) // slot_bytes)
+                    r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
+                                     lookahead, warmup_tokens=args.warmup_tokens)
+                    off.close()
+                    res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
+                               **_summary(r, slot_bytes),
+                               min_moved_per_step=min_moved(args, traces, groups, off.num_slots))
+                    del off
+                    _free(device)
+                    runs[policy].append(res)
+                    log(_line(res) + (f"  [round {rnd + 1}/{args.rounds}]" if args.rounds > 1 else ""))
+                    save(results + [median_round(v) for v in runs.values() if v])
+            results.extend(median_round(v) for v in runs.values())
+            save(results)
         if "resident" in args.policies and any(p in POLICIES for p in args.policies):
             # the baseline again once the policies have run: the machine's drift within the run, and ratios
             # taken against the mean of both
@@ -490,6 +496,15 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
     _free(device)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """One row for a policy run in several rounds: the round with the median time per token (the lower middle
+    of an even count), with every round's time per token beside it."""
+    row = dict(sorted(rounds, key=lambda r: r["tpot_s"])[(len(rounds) - 1) // 2])
+    if len(rounds) > 1:
+        row["tpot_rounds_s"] = [r["tpot_s"] for r in rounds]
+    return row
 
 
 def bench_accelerate(args, bench: Bench, traces: Traces, common: dict, log, batch: int) -> list[dict]:
@@ -1004,6 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="groups run first and not counted")
     p.add_argument("--groups-b1", type=int, default=3, help="measured requests at batch 1")
     p.add_argument("--groups-bn", type=int, default=1, help="measured batches at batch > 1")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the policies this many times, every other round in reverse order, and report each "
+                        "policy's median round (the first configuration a process times can run slow)")
     p.add_argument("--eamc-capacity", type=int, default=120)
     p.add_argument("--prefetch-window-mib", type=float, default=None,
                    help="prefetch copies in flight at most, MiB (default: the offloader's PREFETCH_WINDOW_BYTES)")
@@ -1031,6 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prediction", action="store_true", help="--host-time: instead, report how well the next "
                    "layer's experts are predicted by the EAMC, by popularity and by the request's own decode so far")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {a.rounds}")
     if a.merge:
         return merge(a.merge, a.out, a.plot_prefix)
     if a.host_time:
