@@ -398,3 +398,40 @@ def test_sliding_window_model_through_triton_equals_transformers(triton, referen
         client.unload_model("gpt_oss_sliding")
     finally:
         client.close()
+
+
+def test_offloaded_default_policy_under_continuous_batching(triton, tiny, tmp_path):
+    """The default offloading (``expert_eviction: auto``: LRU while one sequence runs, activation-aware while
+    several do) through Triton with streams that overlap: the trace shows steps of one and of several sequences,
+    and every stream equals the same request run alone."""
+    from tritonmoe.backend.offload.trace_file import read_trace
+
+    name, trace = "offload_default_batched", tmp_path / "trace.jsonl"
+    write_model(triton.repo, name, tiny("qwen3_moe"), expert_cache_budget="25%", expert_trace_path=trace)
+    client = httpclient.InferenceServerClient(triton.http_url, network_timeout=300)
+    results = {}
+
+    def run(key, prompt, n):
+        results[key] = "".join(e["text_output"] for e in generate_stream(triton.http_url, name, prompt,
+                                                                          max_tokens=n, ignore_eos=True))
+
+    try:
+        client.load_model(name)
+        alone = {i: generate(triton.http_url, name, PROMPTS[i], max_tokens=12, ignore_eos=True,
+                             exclude_input_in_output=True)["text_output"] for i in range(3)}
+        first = threading.Thread(target=run, args=(0, PROMPTS[0], 240))  # outlasts a loaded CI box
+        first.start()
+        time.sleep(0.3)
+        others = [threading.Thread(target=run, args=(i, PROMPTS[i], 12)) for i in (1, 2)]
+        for t in others:
+            t.start()
+        for t in [first] + others:
+            t.join(120)
+        assert results[0].startswith(alone[0]) and results[1] == alone[1] and results[2] == alone[2]
+        header, steps = read_trace(trace)
+        assert header["eviction"] == "auto"
+        running = {s["running"] for s in steps}
+        assert 1 in running and max(running) >= 2, running  # both modes ran
+        client.unload_model(name)
+    finally:
+        client.close()
