@@ -287,7 +287,7 @@ def test_one_read_back_brings_the_routing_and_the_lookahead_picks():
             return None, None, (h[:, :2].abs() * 1000).long() % 8
 
     routing = torch.tensor([[3, 1], [0, 7], [3, 5]])
-    policy = RouterLookaheadPrefetch([Router(), Router()])
+    policy = RouterLookaheadPrefetch([Router(), Router()], num_experts=8)
     h = torch.randn(3, 4)
     launched = policy.launch(0, h)
     got_routing, picks = _read_back(routing, launched)

@@ -46,9 +46,9 @@ MAX_GROUPS = 1023
 # whose grouped_mm costs ~1 us per group, used or not, whenever the bank is wider than both GATHER_MIN_BANK slots
 # and GATHER_FACTOR x the experts used; on CUDA, where empty groups cost nothing measurable, only instead of
 # splitting into blocks of MAX_GROUPS slots (each block another pass through the expert forward's ~dozen launches;
-# H200, Qwen3-30B-A3B shapes at 25%, batch 8: 264 vs 285 ms per token; gathering where one bank would do cost
-# DeepSeek-V2-Lite shapes 218-326 vs 210-285 ms). The copy is transient device memory beside the cache: at most
-# GATHER_MAX_BYTES or GATHER_POOL_SHARE of the cache pool, whichever is more.
+# H200, Qwen3-30B-A3B shapes at 25%, batch 8: 264 vs 285 ms per token; gathering where one bank would do gained
+# nothing on DeepSeek-V2-Lite shapes, 218 vs 210 ms across runs). The copy is transient device memory beside the
+# cache: at most GATHER_MAX_BYTES or GATHER_POOL_SHARE of the cache pool, whichever is more.
 GATHER_MAX_BYTES = 256 * 2**20
 GATHER_POOL_SHARE = 1 / 8
 GATHER_MIN_BANK = 64
@@ -82,7 +82,7 @@ class Offloader:
         if config.prefetch == "activation":
             self.prefetch_policy = ActivationPrefetch(self.predictor, self.cache.resident_mask, limit=limit)
         elif config.prefetch == "lookahead":
-            self.prefetch_policy = RouterLookaheadPrefetch(routers, self.refined, num_experts)
+            self.prefetch_policy = RouterLookaheadPrefetch(routers, num_experts, self.refined)
         else:
             self.prefetch_policy = NoPrefetch()
         self.prefetch_queue = PrefetchQueue(self.cache, window)
@@ -93,6 +93,8 @@ class Offloader:
         self._resumed: list[int] | None = None  # per sequence, its last rows that are resumed tokens (a prefill)
         self._expert_dtype = self.cache.views[store.layout.names[0]].dtype
         self._slot_of = np.zeros(num_experts, dtype=np.int64)  # scratch: expert -> slot of the current round
+        self._gather_max_bytes = max(GATHER_MAX_BYTES,
+                                     int(GATHER_POOL_SHARE * self.num_slots * store.layout.slot_bytes))
 
     def set_prefetch_window(self, window: int) -> None:
         """Prefetches in flight at most (default: ``PREFETCH_WINDOW_BYTES`` of experts, at least 2), and the plan's
@@ -136,8 +138,6 @@ class Offloader:
             eviction.set_sequences(len(seq_ids))
             # one sequence: eviction is LRU, and nothing else reads the prediction unless the prefetch does
             self._observe = self.predictor is not None and (not eviction.single or self.config.prefetch == "activation")
-        else:
-            self._observe = self.predictor is not None
 
     def end_sequence(self, seq_id: str) -> None:
         """A request finished or was cancelled: its EAM joins the EAMC."""
@@ -212,7 +212,7 @@ class Offloader:
         lo, hi = int(slots.min()), int(slots.max())
         device = pair_inputs.device
         n = len(slots)
-        plan = bank_plan(hi - lo + 1, n, n * self.store.layout.slot_bytes, self._gather_max_bytes(),
+        plan = bank_plan(hi - lo + 1, n, n * self.store.layout.slot_bytes, self._gather_max_bytes,
                          empty_groups_cost=device.type != "cuda")
         if plan == "gather":
             # compact bank: group i = the round's expert i; one upload carries the slots and the pairs' groups
@@ -241,9 +241,6 @@ class Offloader:
         self.cache.engine.release(slot_list, layer)
         self.cache.release()
         return out
-
-    def _gather_max_bytes(self) -> int:
-        return max(GATHER_MAX_BYTES, int(GATHER_POOL_SHARE * self.num_slots * self.store.layout.slot_bytes))
 
     def _counts_per_sequence(self, routing: np.ndarray) -> np.ndarray:
         """``[row_groups, E]``: tokens routed to each expert, per sequence of the forward."""

@@ -63,11 +63,11 @@ class ActivationPrefetch:
 class RouterLookaheadPrefetch:
     """Apply the next MoE layer's router to this layer's hidden states and prefetch what it picks, most-picked
     first. ``routers[i]`` is MoE layer ``i``'s router module, returning ``(..., top_k_index)``. With LRU eviction
-    this is the issue's router-lookahead baseline; with activation-aware eviction (the default pair) the picks also
+    this is the issue's router-lookahead baseline; with activation-aware eviction (the default's batch mode) the picks also
     ``refine`` the prediction that eviction reads."""
 
-    def __init__(self, routers: list[torch.nn.Module], refined: "LookaheadRefinedPrediction | None" = None,
-                 num_experts: int | None = None):
+    def __init__(self, routers: list[torch.nn.Module], num_experts: int,
+                 refined: "LookaheadRefinedPrediction | None" = None):
         self.routers = routers
         self._refined = refined
         self._num_experts = num_experts
@@ -79,8 +79,6 @@ class RouterLookaheadPrefetch:
             return None
         # .forward, not __call__: the router's hooks (e.g. router-logit capture) must not see this extra call
         picks = self.routers[layer + 1].forward(hidden_states)[-1].reshape(-1)
-        if self._num_experts is None:
-            return torch.bincount(picks)
         # a scatter, not torch.bincount: on CUDA bincount reads the largest pick back to size its output, a
         # host sync per layer before the one the read-back makes anyway
         counts = torch.zeros(self._num_experts, dtype=torch.int64, device=picks.device)
@@ -139,7 +137,7 @@ class LookaheadRefinedPrediction:
         if self._made is None or self._made[0] != key:
             refined = base.copy()
             layer, row = self._row
-            refined[layer] = 0  # (a bincount stops at the highest expert picked)
+            refined[layer] = 0  # (picks counted by a bincount stop at the highest expert picked)
             refined[layer, :len(row)] = row
             self._made = (key, refined)
         return self._made[1]
