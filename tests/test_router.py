@@ -196,11 +196,16 @@ def run_stream(cluster, model, prompt, params, migrate_at=None):
 def test_live_migration_keeps_the_stream_identical(cluster, tiny, reference, sampling):
     params = {"max_tokens": 400, "ignore_eos": True, **sampling}
     base_ids, base_text, _ = run_stream(cluster, "greedy", PROMPTS[3], params)
-    ids, text, rid = run_stream(cluster, "greedy", PROMPTS[3], params, migrate_at=8)
-    info = finished(cluster, rid)
-    assert info["migrations"] == 1 and len(set(info["hosts_used"])) == 2, info
+    # As below: on a loaded machine the source can finish its 400 tokens before the destination catches up (no
+    # handover, nothing merged), so the scenario gets three tries; every try's stream must equal the base.
+    for _ in range(3):
+        ids, text, rid = run_stream(cluster, "greedy", PROMPTS[3], params, migrate_at=8)
+        info = finished(cluster, rid)
+        assert info["migrations"] == 1 and len(set(info["hosts_used"])) == 2, info
+        assert ids == base_ids and text == base_text  # no gap, duplicate or lost token
+        if info["handover_at"]:
+            break
     assert info["handover_at"] and info["handover_at"][0] < 400, f"the source was never stopped mid-stream: {info}"
-    assert ids == base_ids and text == base_text  # no gap, duplicate or lost token
     assert len(ids) == 400
     if not sampling:
         ref_ids = reference(tiny("mixtral"), PROMPTS[3], 400)[0]  # stops at EOS; the stream ignores it
