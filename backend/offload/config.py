@@ -70,10 +70,10 @@ class OffloadConfig:
     # "auto": activation-aware eviction for forwards of two or more sequences, LRU for one (eviction.BatchAwareEviction)
     eviction: str = "auto"
     # MoE-Infinity's (1 - i/L) factor in the activation eviction score, which keeps early layers' experts longest;
-    # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading.md)
+    # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading_log.md)
     eviction_depth_factor: bool = False
     # weight of each layer's expert-use frequencies beside the prediction in the activation eviction score (0: the
-    # paper's score alone); 2 measured best in the decision replay (docs/offloading.md, "A frequency prior")
+    # paper's score alone); 2 measured best in the decision replay (docs/offloading_log.md, "A frequency prior")
     eviction_frequency_weight: float = DEFAULT_FREQUENCY_WEIGHT
     prefetch: str = "lookahead"
     eamc_capacity: int = 120

@@ -113,7 +113,7 @@ class ActivationAwareEviction:
     fetches, as LFU counts them) row-normalised: a long-run popularity prior beside the request-level prediction.
     Decisions replayed on learned routing: at ``w = 2`` batch 8 gains .02-.06 hit rate over both the prediction
     alone and LFU (the union of a batch's experts is where the EAMC guess is weakest), batch 1 moves by <= .005
-    (docs/offloading.md, "A frequency prior")."""
+    (docs/offloading_log.md, "A frequency prior")."""
 
     EPS = 1e-6
     TABLES_KEPT = 128  # eviction tables kept with read-only predictions (each L x E float64)
@@ -127,7 +127,7 @@ class ActivationAwareEviction:
         self._freq_changes = 0
         self._blended = None  # (base table, _freq_changes, base + w * freq)
         # False (the serving default, expert_eviction_depth_factor): every layer's experts score alike; with the
-        # factor batch 8 lost .05-.09 hit rate and 7% TPOT on the H200, batch 1 gained nothing (docs/offloading.md)
+        # factor batch 8 lost .05-.09 hit rate and 7% TPOT on the H200, batch 1 gained nothing (docs/offloading_log.md)
         self.depth_weighted = depth_weighted
         self._table = None  # (prediction array, its version, [L, E] scores)
         self._kept: dict[int, tuple] = {}  # id -> (read-only prediction, its scores)
@@ -215,7 +215,7 @@ class BatchAwareEviction:
     """Activation-aware eviction while a forward runs two or more sequences, LRU while it runs one (the serving
     default, ``expert_eviction: auto``).
 
-    Measured on the H200 (25%, docs/offloading.md): at batch 8 activation-aware eviction copies the fewest experts
+    Measured on the H200 (25%, docs/offloading_log.md): at batch 8 activation-aware eviction copies the fewest experts
     and is the fastest or tied-fastest policy; at batch 1, where decode is host-bound, LRU with the same lookahead
     prefetch was faster in every run (DeepSeek-V2-Lite shapes 59-67 vs 75-92 ms per token, Qwen3-30B-A3B 118-136 vs
     145-161) for nearly the same hit rate: the prediction's upkeep costs more host time than its extra hits save.
