@@ -251,17 +251,20 @@ def test_lookahead_refines_what_activation_eviction_reads(batch):
     assert refined["hit_rate"] > plain["hit_rate"]
 
 
-def test_auto_eviction_is_lru_for_one_sequence_and_activation_for_batches():
-    """``expert_eviction: auto`` (the default): a forward of one sequence decides exactly as LRU eviction does, with
-    no EAMC matching; forwards of several decide exactly as activation-aware eviction does; uses are counted in
-    both modes, so the frequency prior is current when a batch forms."""
+def test_auto_eviction_is_lru_for_a_lone_decode_step_and_activation_otherwise():
+    """``expert_eviction: auto`` (the default): the decode step of a lone sequence ranks victims by recency alone
+    (LRU) and runs no EAMC matching; every other forward -- batched decode steps and every prefill, one
+    sequence's included (the serving engine prefills each new request alone, beside a running batch) -- decides
+    exactly as activation-aware eviction does; uses are counted in both modes, so the frequency prior is current
+    when a batch forms."""
     from tritonmoe.backend.offload.eviction import BatchAwareEviction
 
     shape = SMALL
     L, E, k, H = shape["layers"], shape["experts"], shape["top_k"], shape["hidden"]
+    P = shape["prompt_len"]
     modules = experts_modules(L, E, H)
     store = HostExpertStore.from_experts_modules(modules, pin=False)
-    routing = clustered_routing(12, L, E, k, shape["prompt_len"] + shape["decode"])
+    routing = clustered_routing(12, L, E, k, P + shape["decode"])
     routers = [TopKRouter(H, E, k, seed=10 + i) for i in range(L)]
 
     def cfg(eviction):
@@ -269,27 +272,55 @@ def test_auto_eviction_is_lru_for_one_sequence_and_activation_for_batches():
                              eamc_top_matches=2)
 
     def run(eviction, groups):
-        return drive(current, modules, store, routers, cfg(eviction), routing, groups, shape["prompt_len"], H, "none")
+        return drive(current, modules, store, routers, cfg(eviction), routing, groups, P, H, "none")
 
-    singles = [[r] for r in range(6)]
+    # batches: every forward is activation-aware
     batches = [[6, 7, 8], [9, 10, 11]]
-    auto_single, lru = run("auto", singles), run("lru", singles)
-    assert auto_single["calls"] == lru["calls"] and np.array_equal(auto_single["slot_of"], lru["slot_of"])
     auto_batch, activation = run("auto", batches), run("activation", batches)
     assert auto_batch["calls"] == activation["calls"] and np.array_equal(auto_batch["slot_of"], activation["slot_of"])
     assert auto_batch["calls"] != run("lru", batches)["calls"]  # the batch mode is not LRU here
+    # one request: its prefill decides as activation-aware eviction does (the same copies up to its end) ...
+    one = [[0]]
+    auto_one, act_one, lru_one = run("auto", one), run("activation", one), run("lru", one)
+    prefill = drive(current, modules, store, routers, cfg("activation"), routing[:, :, :P], one, P, H, "none")["calls"]
+    assert prefill and auto_one["calls"][:len(prefill)] == prefill == act_one["calls"][:len(prefill)]
+    assert lru_one["calls"][:len(prefill)] != prefill
+    # ... and its decode steps as LRU: the whole run is neither policy's alone
+    assert auto_one["calls"] != lru_one["calls"] and auto_one["calls"] != act_one["calls"]
 
+    # which policy ranked the victims of each forward, and where the EAMC matching ran
     off = current.Offloader(cfg("auto"), store, torch.device("cpu"), routers)
+    eviction = off.cache.eviction
+    assert isinstance(eviction, BatchAwareEviction)
+    ranked = []
+    for name, policy in (("lru", eviction._lru), ("activation", eviction.activation)):
+        for method in ("values", "cell_values"):
+            real = getattr(policy, method)
+            setattr(policy, method, lambda *a, _real=real, _name=name: ranked.append(_name) or _real(*a))
     observed = []
     real_observe = off.predictor.observe
     off.predictor.observe = lambda layer: observed.append(layer) or real_observe(layer)
-    x, w = torch.randn(1, H), torch.full((1, k), 1.0 / k)
-    off.begin_forward(["a"], "decode")
-    assert isinstance(off.cache.eviction, BatchAwareEviction) and off.cache.eviction.single
-    for layer in range(L):
-        off.run_experts(layer, modules[layer], x, torch.as_tensor(routing[0, layer, :1]), w)
-    assert observed == [] and off.cache.eviction.activation._uses.sum() == L * k  # counted, not matched
-    off.begin_forward(["a", "b"], "decode")
-    assert not off.cache.eviction.single and not off.cache.eviction.always_admits
-    off.run_experts(0, modules[0], x.repeat(2, 1), torch.as_tensor(routing[:2, 0, 0]), w.repeat(2, 1))
-    assert observed == [0]
+    gen = torch.Generator().manual_seed(3)
+
+    def forward(seqs, phase, rows):
+        off.begin_forward(seqs, phase)
+        n = len(seqs) * rows
+        x, w = torch.randn(n, H, generator=gen), torch.full((n, k), 1.0 / k)
+        span = slice(0, P) if phase == "prefill" else slice(P, P + 1)
+        for layer in range(L):
+            off.run_experts(layer, modules[layer], x, torch.as_tensor(routing[:len(seqs), layer, span].reshape(n, k)),
+                            w)
+        got, seen = set(ranked), list(observed)
+        ranked.clear(), observed.clear()
+        return got, seen, eviction.single
+
+    got, seen, single = forward(["a"], "prefill", P)  # a lone request's prefill: a full cache's worth of misses
+    assert not single and got == {"activation"} and seen == list(range(L)), (got, seen)
+    uses = eviction.activation._uses.sum()
+    got, seen, single = forward(["a"], "decode", 1)
+    assert single and got <= {"lru"} and seen == [], (got, seen)
+    assert eviction.activation._uses.sum() == uses + L * k  # counted, not matched
+    assert eviction.always_admits
+    got, seen, single = forward(["a", "b"], "decode", 1)
+    assert not single and not eviction.always_admits and seen == list(range(L)), (got, seen)
+    assert got <= {"activation"}

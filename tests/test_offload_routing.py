@@ -153,6 +153,59 @@ def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_pa
     assert all(0.0 <= v <= 1.0 for v in pred.values())
 
 
+@pytest.mark.parametrize("gap", [0, 1, 2, 5])
+def test_arrival_schedule_is_the_serving_engines(gap):
+    """``--arrival-gap``: request j joins once j x gap decode steps have run, prefilled alone (the engine prefills
+    each admitted request in a forward of its own); every request gets its decode steps 0..steps-1 in order, in
+    forwards shared with whoever is running, and ends right after its last; gap 0 is the lockstep batch."""
+    from tritonmoe.tools.bench_offload import _schedule
+
+    group, steps = [4, 7, 9], 3
+    events = list(_schedule(group, steps, gap))
+    seen = {r: [] for r in group}
+    decodes, joined, ended = 0, [], []
+    for kind, rows in events:
+        if kind == "prefill":
+            assert len(rows) == (len(group) if gap == 0 else 1)
+            for r in rows:
+                assert not seen[r] and r not in joined
+                joined.append((r, decodes))
+        elif kind == "decode":
+            decodes += 1
+            assert {r for r, _ in rows} <= {r for r, _ in joined} and not {r for r, _ in rows} & set(ended)
+            for r, t in rows:
+                seen[r].append(t)
+        else:
+            for r in rows:
+                assert seen[r] == list(range(steps))
+            ended += rows
+    assert sorted(ended) == group and all(seen[r] == list(range(steps)) for r in group)
+    # decode forwards run before each join (at gap 5 a request has finished before the next arrives: idle steps)
+    expected = {0: [0, 0, 0], 1: [0, 1, 2], 2: [0, 2, 4], 5: [0, 3, 6]}[gap]
+    assert joined == list(zip(group, expected))
+    assert decodes == {0: 3, 1: 5, 2: 7, 5: 9}[gap]
+
+
+def test_host_time_with_staggered_arrivals(traces, tmp_path):
+    """The continuous-batching replay reports its mean decode batch and what each prefill moved; it counts only
+    decode steps, one per forward."""
+    import json
+
+    from tritonmoe.tools import bench_offload
+
+    t, _, cfg = traces
+    out = tmp_path / "stag.json"
+    bench_offload.main(["--host-time", "--device", "cpu", "--shape", "dsv2lite", "--traces", str(t.path),
+                        "--new-tokens", "4", "--budgets", "25", "--batch", "2", "--arrival-gap", "2",
+                        "--policies", "auto+lookahead", "lru", "--eamc-capacity", "8", "--out", str(out)])
+    results = json.load(open(out))["results"]
+    assert {r["policy"] for r in results} == {"auto+lookahead", "lru"}
+    for r in results:
+        # two requests of 4 tokens, the second joining after 2 steps: batches 1, 1, 2, 2, 1, 1
+        assert r["arrival_gap"] == 2 and r["decode_steps"] == 6 and r["mean_decode_batch"] == pytest.approx(8 / 6)
+        assert r["prefill_moved_per_request"] > 0 and r["min_moved_per_step"] is None
+
+
 def test_synthetic_traces_have_the_shape_and_clusters_in_both_splits():
     from tritonmoe.tools.bench_offload import SyntheticTraces
 

@@ -820,13 +820,18 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
                                compute=args.compute, **r)
                     res["moved_per_step"] = res["decode_misses_per_step"] + res["decode_prefetches_per_step"]
-                    res["min_moved_per_step"] = min_moved(args, traces, groups, off.num_slots)
+                    # MIN replays the lockstep groups; staggered arrivals are another request order
+                    res["min_moved_per_step"] = (None if res["arrival_gap"] else
+                                                 min_moved(args, traces, groups, off.num_slots))
                     results.append(res)
                     log(f"  {policy:>10} B={batch} budget={budget:>3}%  host {res['host_ms_per_token']:7.2f} ms/token "
                         f"= {res['host_ms_per_layer']:.3f} ms/layer (median step {res['host_ms_per_token_median']:.2f})"
                         f"  driver {res['wall_ms_per_token']:7.2f} ms/token  hit {res['decode_hit_rate']:.3f}  prec "
                         f"{res['decode_prefetch_precision']:.3f}  rec {res['decode_prefetch_recall']:.3f}  moved "
-                        f"{res['moved_per_step']:.1f}/step (MIN {res['min_moved_per_step']:.1f})")
+                        f"{res['moved_per_step']:.1f}/step" + ("" if res["min_moved_per_step"] is None else
+                                                                f" (MIN {res['min_moved_per_step']:.1f})") +
+                        (f"  mean batch {res['mean_decode_batch']:.2f}, prefill moved "
+                         f"{res['prefill_moved_per_request']:.0f}/request" if res["arrival_gap"] else ""))
                     save(results)
                     for m in modules:
                         delattr(m, HANDLE_ATTR)
@@ -897,52 +902,98 @@ def full_size_prefetch_window(shape: str, window_mib: float | None = None) -> in
 
 
 @torch.no_grad()
+def _schedule(group: list[int], steps: int, gap: int):
+    """One group's forwards as the serving engine runs them: ``("prefill", [r, ...])``, ``("decode", [(r, t),
+    ...])`` (request ``r``'s decode step ``t``), ``("end", [r, ...])``. ``gap`` 0: the group prefills in one forward
+    and decodes in lockstep (the benchmark's batches). ``gap`` g: continuous batching -- request j joins once j x g
+    decode steps have run, in a prefill of its own (as ``backend.engine`` prefills each admitted request) between
+    the others' decode steps, and leaves after its ``steps`` tokens."""
+    if not gap:
+        yield "prefill", list(group)
+        for t in range(steps):
+            yield "decode", [(r, t) for r in group]
+        yield "end", list(group)
+        return
+    pending, running, step = list(group), [], 0
+    while pending or running:
+        if pending and step >= gap * (len(group) - len(pending)):
+            r = pending.pop(0)
+            yield "prefill", [r]
+            running.append([r, 0])
+        if running:
+            yield "decode", [(r, t) for r, t in running]
+            for seq in running:
+                seq[1] += 1
+            done = [r for r, t in running if t >= steps]
+            if done:
+                running = [seq for seq in running if seq[1] < steps]
+                yield "end", done
+        step += 1
+
+
 def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, lookahead: bool, hidden: int, dtype,
                      device) -> dict:
     L, P, k = len(modules), traces.prompt_len, traces.top_k
     gen = torch.Generator(device=device).manual_seed(0)
-    host, wall = [], []
+    host, wall, batch_sizes = [], [], []
     dec_stats = {key: 0 for key in _KEYS}
+    prefill_moved, prefills = 0.0, 0
+    gap = getattr(args, "arrival_gap", 0)
     for gi, group in enumerate(groups):
-        B = len(group)
         counted = gi >= args.warmup
-        routes = torch.as_tensor(traces.experts[group].astype(np.int64), device=device)  # [B, L, T, k]
-        seq_ids = [f"g{gi}r{r}" for r in group]
-        off.begin_forward(seq_ids, "prefill")
-        if lookahead:
-            feed.set_lookahead_prefill(traces.lookahead_prefill[group].astype(np.int64).sum(axis=0), device)
-        x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
-        w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
-        for layer in range(L):
-            off.run_experts(layer, modules[layer], x, routes[:, layer, :P].reshape(B * P, k), w)
-        w = torch.full((B, k), 1.0 / k, dtype=dtype, device=device)
         steps = args.new_tokens if counted or args.warmup_tokens is None else min(args.new_tokens,
                                                                                   args.warmup_tokens)
-        for t in range(steps):
+        for kind, rows in _schedule(group, steps, gap):
+            if kind == "end":
+                for r in rows:
+                    off.end_sequence(f"g{gi}r{r}")
+                continue
+            if kind == "prefill":
+                B = len(rows)
+                s0 = _snap(off)
+                off.begin_forward([f"g{gi}r{r}" for r in rows], "prefill")
+                if lookahead:
+                    feed.set_lookahead_prefill(traces.lookahead_prefill[rows].astype(np.int64).sum(axis=0), device)
+                routes = torch.as_tensor(traces.experts[rows, :, :P].astype(np.int64), device=device)  # [B, L, P, k]
+                x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
+                w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
+                for layer in range(L):
+                    off.run_experts(layer, modules[layer], x, routes[:, layer].reshape(B * P, k), w)
+                if counted:
+                    d = _delta(s0, _snap(off))
+                    prefill_moved += d["misses"] + d["prefetches"]
+                    prefills += B
+                continue
+            B = len(rows)
+            ids = [r for r, _ in rows]
             if lookahead:
-                feed.set_lookahead_step(traces.lookahead[group][:, :, t], device)
+                feed.set_lookahead_step(np.stack([traces.lookahead[r][:, t] for r, t in rows]), device)
+            routes = torch.as_tensor(np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64),
+                                     device=device)  # [B, L, k]
+            w = torch.full((B, k), 1.0 / k, dtype=dtype, device=device)
             x = torch.randn(B, hidden, generator=gen, device=device, dtype=dtype)
             s0 = _snap(off)
             ts = time.perf_counter()
-            off.begin_forward(seq_ids, "decode")
+            off.begin_forward([f"g{gi}r{r}" for r in ids], "decode")
             for layer in range(L):
-                off.run_experts(layer, modules[layer], x, routes[:, layer, P + t], w)
+                off.run_experts(layer, modules[layer], x, routes[:, layer], w)
             _sync(device)
             te = time.perf_counter()
             d = _delta(s0, _snap(off))
             if counted:
                 wall.append(te - ts)
                 host.append(d["host_s"])
+                batch_sizes.append(B)
                 for key, v in d.items():
                     dec_stats[key] += v
-        for s in seq_ids:
-            off.end_sequence(s)
     decode_rates = rates(dec_stats)
     steps = max(1, len(host))
     return {"host_ms_per_token": 1e3 * sum(host) / steps, "host_ms_per_layer": 1e3 * sum(host) / steps / L,
             "host_ms_per_token_median": 1e3 * statistics.median(host) if host else 0.0,
             "host_ms_per_token_p25": 1e3 * float(np.percentile(host, 25)) if host else 0.0,
             "wall_ms_per_token": 1e3 * sum(wall) / steps, "decode_steps": len(host),
+            "arrival_gap": gap, "mean_decode_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+            "prefill_moved_per_request": prefill_moved / max(1, prefills),
             **{f"decode_{key}": v for key, v in decode_rates.items()},
             "decode_uses_per_step": dec_stats["uses"] / steps, "decode_misses_per_step": dec_stats["misses"] / steps,
             "decode_prefetches_per_step": dec_stats["prefetches"] / steps, **_per_layer(dec_stats, steps)}
@@ -1046,6 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
                    "same kernels on a bank of only the slots used, even where the offloader would not gather (a "
                    "CPU's grouped_mm costs ~1 us per slot of the bank, used or not; a GPU's launch does not); none: "
                    "a zero output (the bookkeeping alone)")
+    p.add_argument("--arrival-gap", type=int, default=0, metavar="STEPS",
+                   help="--host-time at batch > 1: continuous batching -- a batch's requests join one by one, every "
+                   "STEPS decode steps, each prefilled alone between the others' decode steps (as the serving "
+                   "engine runs them), and leave after --new-tokens; 0 (default): the batch prefills together and "
+                   "decodes in lockstep")
     p.add_argument("--prediction", action="store_true", help="--host-time: instead, report how well the next "
                    "layer's experts are predicted by the EAMC, by popularity and by the request's own decode so far")
     a = p.parse_args(argv)

@@ -212,23 +212,26 @@ class ActivationAwareEviction:
 
 
 class BatchAwareEviction:
-    """Activation-aware eviction while a forward runs two or more sequences, LRU while it runs one (the serving
-    default, ``expert_eviction: auto``).
+    """LRU for the decode step of a lone sequence, activation-aware eviction for every other forward: decode steps
+    of two or more sequences and every prefill (the serving default, ``expert_eviction: auto``).
 
     Measured on the H200 (25%, docs/offloading_log.md): at batch 8 activation-aware eviction copies the fewest experts
     and is the fastest or tied-fastest policy; at batch 1, where decode is host-bound, LRU with the same lookahead
     prefetch was faster in every run (DeepSeek-V2-Lite shapes 59-67 vs 75-92 ms per token, Qwen3-30B-A3B 118-136 vs
     145-161) for nearly the same hit rate: the prediction's upkeep costs more host time than its extra hits save.
-    Uses are counted in both modes, so the frequency prior is current when a batch forms. ``single`` is set per
-    forward by the offloader (:meth:`set_sequences`)."""
+    A prefill is not a lone decode step even for one sequence: it touches most of a layer's experts, host time
+    per token is no concern there, and the serving engine prefills each admitted request in a forward of its own
+    -- under LRU that forward would evict the running batch's experts for the prompt's (the activation-aware rows
+    also had the lowest TTFT at batch 1 on the H200). Uses are counted in both modes, so the frequency prior is
+    current when a batch forms. ``single`` is set per forward by the offloader (:meth:`set_forward`)."""
 
     def __init__(self, activation: "ActivationAwareEviction"):
         self.activation = activation
         self._lru = LRUEviction()
         self.single = True
 
-    def set_sequences(self, n: int) -> None:
-        self.single = n <= 1
+    def set_forward(self, sequences: int, phase: str) -> None:
+        self.single = sequences <= 1 and phase == "decode"
 
     @property
     def _active(self):

@@ -135,8 +135,8 @@ class Offloader:
             self.refined.begin_forward()
         eviction = self.cache.eviction
         if isinstance(eviction, BatchAwareEviction):
-            eviction.set_sequences(len(seq_ids))
-            # one sequence: eviction is LRU, and nothing else reads the prediction unless the prefetch does
+            eviction.set_forward(len(seq_ids), phase)
+            # a lone decode step: eviction is LRU, and nothing else reads the prediction unless the prefetch does
             self._observe = self.predictor is not None and (not eviction.single or self.config.prefetch == "activation")
 
     def end_sequence(self, seq_id: str) -> None:
