@@ -49,7 +49,7 @@ from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
 from tritonmoe.backend.offload.stats import FIELDS, rates
-from tritonmoe.tools.offload_oracle import min_moved_per_step
+from tritonmoe.tools.offload_oracle import min_moved_per_step, schedule
 from tritonmoe.tools.train_routing import Traces
 
 POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth factor (DEPTH_FACTOR)
@@ -401,12 +401,14 @@ def groups_for(traces: Traces, batch: int, n_groups: int) -> list[list[int]]:
 def min_moved(args, traces: Traces, groups: list[list[int]], num_slots: int) -> float:
     """Experts Belady's MIN copies per decode step on this replay (``tools/offload_oracle``): no policy copies
     fewer. Once per batch and cache size (the policies of a run share it)."""
-    return _min_moved(traces, tuple(map(tuple, groups)), args.new_tokens, args.warmup, args.warmup_tokens, num_slots)
+    return _min_moved(traces, tuple(map(tuple, groups)), args.new_tokens, args.warmup, args.warmup_tokens, num_slots,
+                      getattr(args, "arrival_gap", 0))
 
 
 @functools.lru_cache(maxsize=64)
-def _min_moved(traces, groups: tuple, new_tokens: int, warmup: int, warmup_tokens, num_slots: int) -> float:
-    return min_moved_per_step(traces, [list(g) for g in groups], new_tokens, warmup, warmup_tokens, num_slots)
+def _min_moved(traces, groups: tuple, new_tokens: int, warmup: int, warmup_tokens, num_slots: int,
+               gap: int) -> float:
+    return min_moved_per_step(traces, [list(g) for g in groups], new_tokens, warmup, warmup_tokens, num_slots, gap)
 
 
 def _free(device):
@@ -820,16 +822,13 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
                                compute=args.compute, **r)
                     res["moved_per_step"] = res["decode_misses_per_step"] + res["decode_prefetches_per_step"]
-                    # MIN replays the lockstep groups; staggered arrivals are another request order
-                    res["min_moved_per_step"] = (None if res["arrival_gap"] else
-                                                 min_moved(args, traces, groups, off.num_slots))
+                    res["min_moved_per_step"] = min_moved(args, traces, groups, off.num_slots)
                     results.append(res)
                     log(f"  {policy:>10} B={batch} budget={budget:>3}%  host {res['host_ms_per_token']:7.2f} ms/token "
                         f"= {res['host_ms_per_layer']:.3f} ms/layer (median step {res['host_ms_per_token_median']:.2f})"
                         f"  driver {res['wall_ms_per_token']:7.2f} ms/token  hit {res['decode_hit_rate']:.3f}  prec "
                         f"{res['decode_prefetch_precision']:.3f}  rec {res['decode_prefetch_recall']:.3f}  moved "
-                        f"{res['moved_per_step']:.1f}/step" + ("" if res["min_moved_per_step"] is None else
-                                                                f" (MIN {res['min_moved_per_step']:.1f})") +
+                        f"{res['moved_per_step']:.1f}/step (MIN {res['min_moved_per_step']:.1f})" +
                         (f"  mean batch {res['mean_decode_batch']:.2f}, prefill moved "
                          f"{res['prefill_moved_per_request']:.0f}/request" if res["arrival_gap"] else ""))
                     save(results)
@@ -902,35 +901,6 @@ def full_size_prefetch_window(shape: str, window_mib: float | None = None) -> in
 
 
 @torch.no_grad()
-def _schedule(group: list[int], steps: int, gap: int):
-    """One group's forwards as the serving engine runs them: ``("prefill", [r, ...])``, ``("decode", [(r, t),
-    ...])`` (request ``r``'s decode step ``t``), ``("end", [r, ...])``. ``gap`` 0: the group prefills in one forward
-    and decodes in lockstep (the benchmark's batches). ``gap`` g: continuous batching -- request j joins once j x g
-    decode steps have run, in a prefill of its own (as ``backend.engine`` prefills each admitted request) between
-    the others' decode steps, and leaves after its ``steps`` tokens."""
-    if not gap:
-        yield "prefill", list(group)
-        for t in range(steps):
-            yield "decode", [(r, t) for r in group]
-        yield "end", list(group)
-        return
-    pending, running, step = list(group), [], 0
-    while pending or running:
-        if pending and step >= gap * (len(group) - len(pending)):
-            r = pending.pop(0)
-            yield "prefill", [r]
-            running.append([r, 0])
-        if running:
-            yield "decode", [(r, t) for r, t in running]
-            for seq in running:
-                seq[1] += 1
-            done = [r for r, t in running if t >= steps]
-            if done:
-                running = [seq for seq in running if seq[1] < steps]
-                yield "end", done
-        step += 1
-
-
 def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, lookahead: bool, hidden: int, dtype,
                      device) -> dict:
     L, P, k = len(modules), traces.prompt_len, traces.top_k
@@ -943,7 +913,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
         counted = gi >= args.warmup
         steps = args.new_tokens if counted or args.warmup_tokens is None else min(args.new_tokens,
                                                                                   args.warmup_tokens)
-        for kind, rows in _schedule(group, steps, gap):
+        for kind, rows in schedule(group, steps, gap):
             if kind == "end":
                 for r in rows:
                     off.end_sequence(f"g{gi}r{r}")

@@ -43,24 +43,56 @@ class Sequence:
     num_cells: int
 
 
+def schedule(group: list[int], steps: int, gap: int):
+    """One group's forwards as the serving engine runs them: ``("prefill", [r, ...])``, ``("decode", [(r, t),
+    ...])`` (request ``r``'s decode step ``t``), ``("end", [r, ...])``. ``gap`` 0: the group prefills in one forward
+    and decodes in lockstep (the benchmark's batches). ``gap`` g: continuous batching -- request j joins once j x g
+    decode steps have run, in a prefill of its own (as ``backend.engine`` prefills each admitted request) between
+    the others' decode steps, and leaves after its ``steps`` tokens."""
+    if not gap:
+        yield "prefill", list(group)
+        for t in range(steps):
+            yield "decode", [(r, t) for r in group]
+        yield "end", list(group)
+        return
+    pending, running, step = list(group), [], 0
+    while pending or running:
+        if pending and step >= gap * (len(group) - len(pending)):
+            r = pending.pop(0)
+            yield "prefill", [r]
+            running.append([r, 0])
+        if running:
+            yield "decode", [(r, t) for r, t in running]
+            for seq in running:
+                seq[1] += 1
+            done = [r for r, t in running if t >= steps]
+            if done:
+                running = [seq for seq in running if seq[1] < steps]
+                yield "end", done
+        step += 1
+
+
 def replay_sequence(traces: Traces, groups: list[list[int]], new_tokens: int, warmup: int,
-                    warmup_tokens: int | None) -> Sequence:
-    """What the benchmark's replay asks of the cache: each group's prefill (every layer, the union over its
-    prompts), then its decode steps (the union over its sequences); warm-up groups run ``warmup_tokens`` steps
-    and are not counted."""
+                    warmup_tokens: int | None, gap: int = 0) -> Sequence:
+    """What the benchmark's replay asks of the cache, forward by forward as :func:`schedule` orders them (``gap``
+    0: each group's prefill, every layer the union over its prompts, then its decode steps, the union over its
+    sequences); warm-up groups run ``warmup_tokens`` steps and are not counted."""
     L, E, P = traces.layers, traces.num_experts, traces.prompt_len
     cells, counted = [], []
     for gi, group in enumerate(groups):
-        routes = traces.experts[group]  # [B, L, T, k]
-        for layer in range(L):
-            cells.append(np.unique(routes[:, layer, :P]) + layer * E)
-            counted.append(False)
         measured = gi >= warmup
         steps = new_tokens if measured or warmup_tokens is None else min(new_tokens, warmup_tokens)
-        for t in range(steps):
-            for layer in range(L):
-                cells.append(np.unique(routes[:, layer, P + t]) + layer * E)
-                counted.append(measured)
+        for kind, rows in schedule(group, steps, gap):
+            if kind == "prefill":
+                routes = traces.experts[rows]  # [B, L, T, k]
+                for layer in range(L):
+                    cells.append(np.unique(routes[:, layer, :P]) + layer * E)
+                    counted.append(False)
+            elif kind == "decode":
+                step = np.stack([traces.experts[r, :, P + t] for r, t in rows])  # [B, L, k]
+                for layer in range(L):
+                    cells.append(np.unique(step[:, layer]) + layer * E)
+                    counted.append(measured)
     return Sequence(cells, counted, L * E)
 
 
@@ -120,22 +152,23 @@ def simulate(seq: Sequence, capacity: int, policy: str) -> dict:
 
 
 def min_moved_per_step(traces: Traces, groups: list[list[int]], new_tokens: int, warmup: int,
-                       warmup_tokens: int | None, capacity: int) -> float:
+                       warmup_tokens: int | None, capacity: int, gap: int = 0) -> float:
     """Experts Belady's MIN copies per counted decode step of the benchmark's replay: no policy copies fewer."""
-    seq = replay_sequence(traces, groups, new_tokens, warmup, warmup_tokens)
+    seq = replay_sequence(traces, groups, new_tokens, warmup, warmup_tokens, gap)
     r = simulate(seq, capacity, "min")
     return (r["uses"] - r["hits"]) / max(1.0, sum(seq.counted) / traces.layers)
 
 
 def oracle_rows(traces: Traces, batches, budgets, new_tokens: int, warmup: int, warmup_tokens: int | None,
-                groups_b1: int, groups_bn: int, slot_bytes: int | None, gbps: float | None) -> list[dict]:
+                groups_b1: int, groups_bn: int, slot_bytes: int | None, gbps: float | None,
+                gap: int = 0) -> list[dict]:
     from tritonmoe.tools.bench_offload import groups_for
 
     rows = []
     L, E = traces.layers, traces.num_experts
     for batch in batches:
         groups = groups_for(traces, batch, warmup + (groups_b1 if batch == 1 else groups_bn))
-        seq = replay_sequence(traces, groups, new_tokens, warmup, warmup_tokens)
+        seq = replay_sequence(traces, groups, new_tokens, warmup, warmup_tokens, gap if batch > 1 else 0)
         steps = sum(seq.counted) / L
         for budget in budgets:
             capacity = ExpertBudget.parse(f"{budget}%").slots(1, L * E)
@@ -162,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=4, help="decode steps of the warm-up groups")
     p.add_argument("--groups-b1", type=int, default=4)
     p.add_argument("--groups-bn", type=int, default=1)
+    p.add_argument("--arrival-gap", type=int, default=0, metavar="STEPS",
+                   help="batch > 1: requests join every STEPS decode steps, each prefilled alone (bench_offload's "
+                   "continuous-batching replay); 0: lockstep batches")
     p.add_argument("--slot-mib", type=float, default=None, help="bytes per expert, MiB: report the transfer floor")
     p.add_argument("--gbps", type=float, default=None, help="host-to-device bandwidth, GB/s, for the floor")
     p.add_argument("--out", default=None)
@@ -173,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     traces = Traces(a.traces)
     slot_bytes = int(a.slot_mib * 2**20) if a.slot_mib else None
     rows = oracle_rows(traces, a.batch, a.budgets, a.new_tokens, a.warmup, a.warmup_tokens, a.groups_b1,
-                       a.groups_bn, slot_bytes, a.gbps)
+                       a.groups_bn, slot_bytes, a.gbps, a.arrival_gap)
     env = {"command": "python -m tritonmoe.tools.offload_oracle " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),

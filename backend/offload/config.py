@@ -67,7 +67,7 @@ class OffloadConfig:
     """Knobs of expert offloading. Field name -> Triton parameter key in ``PARAMETER_KEYS``."""
 
     cache_budget: str = "25%"
-    # "auto": activation-aware eviction for forwards of two or more sequences, LRU for one (eviction.BatchAwareEviction)
+    # "auto": LRU for a lone sequence's decode step, activation-aware eviction otherwise (eviction.BatchAwareEviction)
     eviction: str = "auto"
     # MoE-Infinity's (1 - i/L) factor in the activation eviction score, which keeps early layers' experts longest;
     # off by default: on the H200 it cost batch 8 7% TPOT and gained nothing at batch 1 (docs/offloading_log.md)
