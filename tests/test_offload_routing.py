@@ -153,6 +153,64 @@ def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_pa
     assert all(0.0 <= v <= 1.0 for v in pred.values())
 
 
+def test_timed_benchmark_under_continuous_batching(traces, tmp_path):
+    """``--arrival-gap`` in the timed benchmark: the real model and KV cache under the engine's continuous batching
+    (requests prefilled alone and merged into the running batch's cache); rows report the mean decode batch and one
+    prefill per request, and every request generates the same tokens, picked with the same logits, as when it
+    runs alone (resident, and offloaded): the merged cache's positions and masks are right (either one dropped
+    fails this)."""
+    import json
+
+    import torch
+
+    from tritonmoe.tools import bench_offload as bo
+
+    t, _, cfg = traces
+    out = tmp_path / "cont.json"
+    bo.main(["--device", "cpu", "--dtype", "float32", "--small", "--shape", "dsv2lite", "--traces", str(t.path),
+             "--new-tokens", "3", "--budgets", "25", "--batch", "3", "--arrival-gap", "1",
+             "--policies", "resident", "auto+lookahead", "lru", "--eamc-capacity", "8", "--out", str(out)])
+    results = json.load(open(out))["results"]
+    assert {r["policy"] for r in results} == {"resident", "auto+lookahead", "lru"}
+    for r in results:
+        # three requests of 3 tokens joining at steps 0, 1, 2: decode batches 1, 2, 3, 2, 1
+        assert r["arrival_gap"] == 1 and r["decode_steps"] == 5 and r["mean_decode_batch"] == pytest.approx(9 / 5)
+        assert r["prefill_forwards"] == 3 and r["tpot_s"] > 0 and r["ttft_s"] > 0
+        if r["policy"] == "lru":
+            assert r["min_moved_per_step"] <= r["decode_misses_per_step"] + 1e-9
+
+    bench = bo.Bench("dsv2lite", t, torch.device("cpu"), torch.float32, small=True)
+    model, feed, modules = bench.build()
+    groups = bo.groups_for(t, 3, 2)
+
+    def generate(gap, off=None, lookahead=False):
+        r = bo.run_continuous(model, feed, t, groups, 4, torch.device("cpu"), off, 0, lookahead, gap)
+        return r["tokens"], r["logits"]
+
+    def same(a, b):  # the tokens, and the logits they were picked with (a wrong position or mask moves those)
+        assert a[0] == b[0] and a[1].keys() == b[1].keys()
+        for key in a[1]:
+            assert a[1][key] == pytest.approx(b[1][key], rel=1e-4, abs=1e-5), key
+
+    bench.make_resident(modules)
+    model.set_experts_implementation("grouped_mm")
+    alone = generate(10)  # a request finishes before the next arrives: each decodes alone
+    assert len(alone[0]) == 6 and all(len(v) == 5 for v in alone[0].values())
+    same(generate(1), alone)
+    same(generate(2), alone)
+    store = bench.host_store(modules)
+    eamc = str(tmp_path / "eamc.npy")
+    bo.eamc_file(t, 4, 8, eamc)
+    off, lookahead = bo.attach_policy("auto+lookahead", 25, 8, str(tmp_path / "e.npy"), eamc, bench, model, modules,
+                                      store, feed, torch.device("cpu"))
+    # the bench's host tier holds its own random experts, so offloaded tokens differ from resident ones; they must
+    # not depend on the schedule (nor on what the cache held)
+    alone_offloaded = generate(10, off, lookahead)
+    assert alone_offloaded[1] != alone[1]
+    same(generate(1, off, lookahead), alone_offloaded)
+    off.close()
+
+
 @pytest.mark.parametrize("gap", [0, 1, 2, 5])
 def test_arrival_schedule_is_the_serving_engines(gap):
     """``--arrival-gap``: request j joins once j x gap decode steps have run, prefilled alone (the engine prefills

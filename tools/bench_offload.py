@@ -368,6 +368,104 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
             "phase_stats": phase_stats, "wall_s": time.perf_counter() - wall}
 
 
+def run_continuous(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,
+                   warmup: int, lookahead: bool, gap: int, warmup_tokens: int | None = None) -> dict:
+    """:func:`run_requests` under continuous batching, as ``backend.engine`` runs it: a group's requests join one
+    by one (``offload_oracle.schedule``, every ``gap`` decode steps), each prefilled alone and merged into the
+    running batch's KV cache (``backend.kv_batch.KVBatch``: left-padded rows, per-row positions and mask), and
+    leave after their tokens. TTFT: each prefill forward; TPOT: each decode step, whatever its batch. Also returns
+    every request's generated tokens (``tokens``: request id -> ids) and the logit each was picked with
+    (``logits``), which must not depend on the schedule."""
+    from transformers import DynamicCache
+
+    from tritonmoe.backend.kv_batch import KVBatch
+
+    wall = time.perf_counter()
+    L, P, k = len(_experts_modules(model)), traces.prompt_len, traces.top_k
+    ttft, steps, sizes, tokens, logits = [], [], [], {}, {}
+    phase_stats = {"prefill": {key: 0 for key in _KEYS}, "decode": {key: 0 for key in _KEYS}}
+    vocab = model.config.vocab_size
+    prefills = 0
+    for gi, group in enumerate(groups):
+        counted = gi >= warmup
+        n_steps = gen_len if counted or warmup_tokens is None else min(gen_len, warmup_tokens)
+        batch, running, nxt = KVBatch(), [], {}
+        for kind, rows in schedule(group, n_steps, gap):
+            if kind == "end":
+                keep = [i for i, r in enumerate(running) if r not in rows]
+                batch.keep(keep)
+                running = [running[i] for i in keep]
+                if offloader is not None:
+                    for r in rows:
+                        offloader.end_sequence(f"g{gi}r{r}")
+                continue
+            if kind == "prefill":
+                (r,) = rows
+                gen = torch.Generator(device=device).manual_seed(1000 * gi + r)
+                ids = torch.randint(0, vocab, (1, P), device=device, generator=gen)
+                feed.indices = [torch.as_tensor(traces.experts[r, l, :P].astype(np.int64), device=device)
+                                for l in range(L)]
+                feed.weights = torch.full((P, k), 1.0 / k, dtype=model.dtype, device=device)
+                if lookahead:
+                    feed.set_lookahead_prefill(traces.lookahead_prefill[r].astype(np.int64), device)
+                cache = DynamicCache(config=model.config)
+                s0 = _snap(offloader)
+                if offloader is not None:
+                    offloader.begin_forward([f"g{gi}r{r}"], "prefill")
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                best = out.logits[0, -1].max(-1)
+                nxt[r] = int(best.indices)
+                _sync(device)
+                if counted:
+                    ttft.append(time.perf_counter() - t0)
+                    prefills += 1
+                    for key, v in _delta(s0, _snap(offloader)).items():
+                        phase_stats["prefill"][key] += v
+                batch.add(cache, P)
+                running.append(r)
+                tokens[f"g{gi}r{r}"] = [nxt[r]]
+                logits[f"g{gi}r{r}"] = [float(best.values)]
+                continue
+            assert [r for r, _ in rows] == running, "the schedule's decode rows are the running batch, in order"
+            B = len(rows)
+            step = np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)  # [B, L, k]
+            step_t = torch.as_tensor(step, device=device)
+            feed.indices = [step_t[:, l] for l in range(L)]
+            feed.weights = torch.full((B, k), 1.0 / k, dtype=model.dtype, device=device)
+            if lookahead:
+                feed.set_lookahead_step(np.stack([traces.lookahead[r][:, t] for r, t in rows]), device)
+            mask, positions = batch.step_inputs(device)
+            ids = torch.tensor([[nxt[r]] for r in running], device=device)
+            s0 = _snap(offloader)
+            if offloader is not None:
+                offloader.begin_forward([f"g{gi}r{r}" for r in running], "decode")
+            ts = time.perf_counter()
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+            batch.advance()
+            best = out.logits[:, -1].max(-1)
+            picked, values = best.indices.tolist(), best.values.tolist()
+            _sync(device)
+            if counted:
+                steps.append(time.perf_counter() - ts)
+                sizes.append(B)
+                for key, v in _delta(s0, _snap(offloader)).items():
+                    phase_stats["decode"][key] += v
+            for r, tok, value in zip(running, picked, values):
+                nxt[r] = tok
+                tokens[f"g{gi}r{r}"].append(tok)
+                logits[f"g{gi}r{r}"].append(value)
+        del batch
+    return {"ttft_s": statistics.mean(ttft), "tpot_s": statistics.mean(steps),
+            "tpot_median_s": statistics.median(steps), "decode_steps": len(steps), "groups": len(groups) - warmup,
+            "prefill_forwards": prefills, "mean_decode_batch": statistics.mean(sizes), "arrival_gap": gap,
+            "phase_stats": phase_stats, "wall_s": time.perf_counter() - wall, "tokens": tokens, "logits": logits}
+
+
 def measure_h2d(device, nbytes: int = 1 << 30, reps: int = 10) -> dict:
     """Host-to-device copy bandwidth, pinned and pageable, median of ``reps`` (CUDA events)."""
     if device.type != "cuda":
@@ -441,6 +539,14 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
     for batch in args.batch:
         n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
         groups = groups_for(traces, batch, n_groups)
+        gap = args.arrival_gap if batch > 1 else 0
+
+        def run(off, lookahead: bool) -> dict:
+            if gap:
+                return run_continuous(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
+                                      lookahead, gap, warmup_tokens=args.warmup_tokens)
+            return run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup, lookahead,
+                                warmup_tokens=args.warmup_tokens)
 
         def run_resident(when: str) -> None:
             for m in modules:  # an earlier offloader (and its cache pool) stays alive through this handle
@@ -449,8 +555,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
             _free(device)
             bench.make_resident(modules)
             model.set_experts_implementation("grouped_mm")
-            r = run_requests(model, feed, traces, groups, args.new_tokens, device, None, args.warmup, False,
-                             warmup_tokens=args.warmup_tokens)
+            r = run(None, False)
             bench.drop_resident(modules)
             _free(device)
             res = dict(common, policy="resident", batch=batch, budget_pct=100, measured=when,
@@ -461,7 +566,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
 
         if "resident" in args.policies:
             run_resident("before")
-        if "accelerate" in args.policies:
+        if "accelerate" in args.policies and not gap:  # Accelerate's baseline runs lockstep batches only
             try:
                 results += bench_accelerate(args, bench, traces, common, log, batch)
             except Exception as e:  # noqa: BLE001 -- a baseline's failure must not lose the engine's results
@@ -477,8 +582,7 @@ def bench_shape(args, traces: Traces, device, log, save=lambda results: None) ->
                                                    eamc_master, bench, model, modules, store, feed, device)
                     if args.prefetch_window_mib is not None:
                         off.set_prefetch_window(int(args.prefetch_window_mib * 2**20) // slot_bytes)
-                    r = run_requests(model, feed, traces, groups, args.new_tokens, device, off, args.warmup,
-                                     lookahead, warmup_tokens=args.warmup_tokens)
+                    r = run(off, lookahead)
                     off.close()
                     res = dict(common, policy=policy, batch=batch, budget_pct=budget, num_slots=off.num_slots,
                                **_summary(r, slot_bytes),
@@ -576,8 +680,12 @@ def _summary(r: dict, slot_bytes: int) -> dict:
     d["decode_stall_s_per_step"] = dec["stall_s"] / steps
     d["decode_host_s_per_step"] = dec["host_s"] / steps  # offloader CPU time after each layer's routing read-back
     d.update(_per_layer(dec, steps))
-    d["prefill_demand_bytes"] = pre["demand_bytes"] / max(1, r["groups"])
-    d["prefill_prefetch_bytes"] = pre["prefetch_bytes"] / max(1, r["groups"])
+    prefills = max(1, r.get("prefill_forwards", r["groups"]))  # a lockstep group is one prefill forward
+    d["prefill_demand_bytes"] = pre["demand_bytes"] / prefills
+    d["prefill_prefetch_bytes"] = pre["prefetch_bytes"] / prefills
+    for key in ("arrival_gap", "mean_decode_batch", "prefill_forwards"):
+        if key in r:
+            d[key] = r[key]
     return d
 
 
@@ -1068,10 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
                    "CPU's grouped_mm costs ~1 us per slot of the bank, used or not; a GPU's launch does not); none: "
                    "a zero output (the bookkeeping alone)")
     p.add_argument("--arrival-gap", type=int, default=0, metavar="STEPS",
-                   help="--host-time at batch > 1: continuous batching -- a batch's requests join one by one, every "
-                   "STEPS decode steps, each prefilled alone between the others' decode steps (as the serving "
-                   "engine runs them), and leave after --new-tokens; 0 (default): the batch prefills together and "
-                   "decodes in lockstep")
+                   help="batch > 1: continuous batching -- a batch's requests join one by one, every STEPS decode "
+                   "steps, each prefilled alone between the others' decode steps and merged into the running KV "
+                   "cache (as the serving engine runs them), and leave after --new-tokens; TPOT is then the mean "
+                   "decode step at whatever batch it ran; 0 (default): the batch prefills together and decodes in "
+                   "lockstep. With or without --host-time")
     p.add_argument("--prediction", action="store_true", help="--host-time: instead, report how well the next "
                    "layer's experts are predicted by the EAMC, by popularity and by the request's own decode so far")
     a = p.parse_args(argv)
