@@ -242,6 +242,10 @@ def test_arrival_schedule_is_the_serving_engines(gap):
     expected = {0: [0, 0, 0], 1: [0, 1, 2], 2: [0, 2, 4], 5: [0, 3, 6]}[gap]
     assert joined == list(zip(group, expected))
     assert decodes == {0: 3, 1: 5, 2: 7, 5: 9}[gap]
+    # no decode steps (a warm-up of none): every request prefills and ends
+    events = list(schedule(group, 0, gap))
+    assert [k for k, _ in events if k == "decode"] == [] and sorted(sum((r for k, r in events if k == "end"), [])) \
+        == group
 
 
 def test_host_time_with_staggered_arrivals(traces, tmp_path):

@@ -60,7 +60,10 @@ def schedule(group: list[int], steps: int, gap: int):
         if pending and step >= gap * (len(group) - len(pending)):
             r = pending.pop(0)
             yield "prefill", [r]
-            running.append([r, 0])
+            if steps > 0:
+                running.append([r, 0])
+            else:
+                yield "end", [r]
         if running:
             yield "decode", [(r, t) for r, t in running]
             for seq in running:
