@@ -135,6 +135,7 @@ def test_host_time_mode_drives_the_offloader_through_every_policy(traces, tmp_pa
                         "--groups-b1", "1", "--eamc-capacity", "8", "--out", str(out),
                         "--plot-prefix", str(tmp_path / "replay")])
     assert (tmp_path / "replay_decisions.png").stat().st_size > 10_000  # the hit-rate bars
+    assert (tmp_path / "replay_copies.png").stat().st_size > 10_000  # copies per step and prefill, MIN's ticks
     results = json.load(open(out))["results"]
     assert {(r["policy"], r["batch"]) for r in results} == {(p, b) for p in bench_offload.POLICIES for b in (1, 2)}
     for r in results:

@@ -834,6 +834,42 @@ def plot_decisions(results: list[dict], path: str) -> str:
     return path
 
 
+def plot_copies(results: list[dict], path: str) -> str:
+    """``--host-time`` results as grouped bars: experts copied per decode step (top) and per prefill (bottom), per
+    policy, one group per shape x batch x arrival gap; Belady's MIN per decode step as a black tick over each
+    group (no policy copies fewer). Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = lambda r: (r["shape"], r["batch"], r.get("arrival_gap", 0), r["budget_pct"])  # noqa: E731
+    groups = sorted({key(r) for r in results})
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 1.6 * len(groups) * max(1, len(policies)) / 3), 8))
+    width = 0.8 / max(1, len(policies))
+    for i, policy in enumerate(policies):
+        xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(groups))]
+        cells = [next((r for r in results if r["policy"] == policy and key(r) == g), None) for g in groups]
+        top.bar(xs, [c["moved_per_step"] if c else 0 for c in cells], width, label=policy)
+        bottom.bar(xs, [c.get("prefill_moved_per_request", 0) if c else 0 for c in cells], width, label=policy)
+    for j, g in enumerate(groups):
+        floor = [r["min_moved_per_step"] for r in results if key(r) == g and r.get("min_moved_per_step")]
+        if floor:
+            top.hlines(floor[0], j - 0.45, j + 0.45, colors="black", linewidth=2, label="MIN" if j == 0 else None)
+    labels = [f"{shape} B{batch}\n{'continuous, gap ' + str(gap) if gap else 'lockstep'}\n{budget}%"
+              for shape, batch, gap, budget in groups]
+    for ax, what in ((top, "experts copied per decode step (MIN: black)"), (bottom, "experts copied per request's prefill (a lockstep batch prefills its requests together)")):
+        ax.set_xticks(range(len(groups)), labels, fontsize=8)
+        ax.set_title(what, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def merge(paths: list[str], out: str, plot_prefix: str | None) -> int:
     runs = [json.load(open(p)) for p in paths]
     results = [r for run in runs for r in run["results"]]
@@ -1129,6 +1165,7 @@ def _main_host_time(a, argv) -> int:
         save(results)
     if a.plot_prefix and results:
         log("plot: " + plot_decisions(results, f"{a.plot_prefix}_decisions.png"))
+        log("plot: " + plot_copies(results, f"{a.plot_prefix}_copies.png"))
     return 0
 
 
@@ -1163,7 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerate-tokens", type=int, default=8)
     p.add_argument("--out", default="runs/bench_offload.json")
     p.add_argument("--plot-prefix", default=None, help="e.g. docs/figures/offload (--host-time: "
-                   "<prefix>_decisions.png, hit rates per policy)")
+                   "<prefix>_decisions.png, hit rates per policy, and <prefix>_copies.png, experts copied per "
+                   "decode step and per prefill beside MIN's)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files (later ones add to earlier), "
                    "recompute bounds and ratios, write --out, print the table, plot; no benchmark is run")
     p.add_argument("--host-time", action="store_true",
