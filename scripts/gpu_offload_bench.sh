@@ -47,7 +47,7 @@ case " $STAGES " in *" bench "*)
     if [ ! -f "$traces" ]; then echo "bench: $shape skipped: no $traces (carry $TRACES_DIR, or STAGES=train first)"; continue; fi
     stage "bench: $shape ($traces)"
     timeout ${BENCH_TIMEOUT:-270} python3 -m tritonmoe.tools.bench_offload --shape "$shape" --traces "$traces" \
-      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lfu lookahead lfu+lookahead activation_flat+lookahead activation_freq+lookahead accelerate --new-tokens 32 --groups-b1 2 --groups-bn 1 --warmup-tokens 4} \
+      --out "$out/bench_offload_$shape.json" ${BENCH_ARGS:---budgets 25 --batch 1 8 --policies resident activation lru lfu lookahead lfu+lookahead activation_flat+lookahead activation_freq+lookahead auto+lookahead accelerate --new-tokens 32 --groups-b1 2 --groups-bn 1 --warmup-tokens 4} \
       2>&1 | tee -a "$out/bench.log" | grep -v "^|"
   done
 ;; esac
