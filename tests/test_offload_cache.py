@@ -175,6 +175,31 @@ def test_the_frequency_prior_adds_each_layers_use_shares_to_the_prediction():
     assert (0, 0) in cache and (1, 1) not in cache  # LRU (or the prediction alone) would evict (0, 0)
 
 
+def test_the_frequency_prior_forgets_with_its_half_life():
+    """``frequency_half_life`` H: a use weighs ``0.5 ** (k / H)`` after k later uses of its layer, so when the mix
+    shifts from expert 1 to expert 2 the prior follows; without it (0) both keep half; other layers' uses do not
+    age a layer's."""
+    from tritonmoe.backend.offload.eviction import ActivationAwareEviction, make_eviction_policy
+
+    predictor = FakePredictor()
+    predictor.version = 0
+    plain = ActivationAwareEviction(predictor, depth_weighted=False)
+    keeping = ActivationAwareEviction(predictor, depth_weighted=False, frequency_weight=1.0)
+    forgetting = make_eviction_policy("auto", predictor, False, 1.0, 4.0).activation
+    for policy in (keeping, forgetting):
+        for expert in [1] * 8 + [2] * 8:  # the old mix, then the new one
+            policy.on_use(0, np.array([expert]))
+    layers, experts = np.array([0, 0]), np.array([1, 2])
+    assert np.allclose(keeping.values(layers, experts) - plain.values(layers, experts), [0.5, 0.5])
+    g = 0.5 ** (1 / 4)
+    old, new = sum(g ** j for j in range(8, 16)), sum(g ** j for j in range(8))
+    shares = forgetting.values(layers, experts) - plain.values(layers, experts)
+    assert np.allclose(shares, [old / (old + new), new / (old + new)]) and shares[1] == pytest.approx(0.8)  # 1/(1+g^8)
+    for _ in range(20):
+        forgetting.on_use(2, np.array([0]))
+    assert np.allclose(forgetting.values(layers, experts) - plain.values(layers, experts), shares)
+
+
 def test_activation_aware_admission_refuses_prefetch_below_residents():
     predictor = FakePredictor()
     cache, _, stats = make_cache(2, "activation", predictor)

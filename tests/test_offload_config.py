@@ -38,6 +38,9 @@ def test_defaults_and_full_parse():
     ("expert_eviction_frequency_weight", "lots", "expected a number"),
     ("expert_eviction_frequency_weight", "-1", "finite number >= 0"),
     ("expert_eviction_frequency_weight", "nan", "finite number >= 0"),
+    ("expert_eviction_frequency_half_life", "soon", "expected a number"),
+    ("expert_eviction_frequency_half_life", "-1", "finite number >= 0"),
+    ("expert_eviction_frequency_half_life", "inf", "finite number >= 0"),
     ("expert_cache_bugdet", "25%", "unknown offloading parameter"),
     ("expert_trace_path", "/no/such/folder/trace.jsonl", "does not exist"),
     ("expert_trace_path", "/tmp", "is a directory"),
@@ -60,6 +63,10 @@ def test_the_depth_factor_is_off_by_default_and_only_for_activation_eviction():
     assert OffloadConfig.from_parameters({"expert_eviction_frequency_weight": "0.5"}).eviction_frequency_weight == 0.5
     with pytest.raises(ValueError, match="expert_eviction_frequency_weight applies to expert_eviction 'activation'"):
         OffloadConfig.from_parameters({"expert_eviction": "lfu", "expert_eviction_frequency_weight": "1"})
+    assert OffloadConfig().eviction_frequency_half_life == 64.0
+    assert OffloadConfig.from_parameters({"expert_eviction_frequency_half_life": "0"}).eviction_frequency_half_life == 0
+    with pytest.raises(ValueError, match="expert_eviction_frequency_half_life applies to expert_eviction 'activation'"):
+        OffloadConfig.from_parameters({"expert_eviction": "lru", "expert_eviction_frequency_half_life": "16"})
     predictor = object()
     for factor in (False, True):
         policy = make_eviction_policy("activation", predictor, factor)

@@ -270,6 +270,33 @@ def test_host_time_with_staggered_arrivals(traces, tmp_path):
         assert r["prefill_moved_per_request"] > 0 and 0 < r["min_moved_per_step"] <= r["moved_per_step"]
 
 
+def test_host_time_with_a_shifting_request_mix(traces, tmp_path):
+    """``--shift A,B``: the warm-up groups come from category A, the measured ones from B (and only those count);
+    ``--frequency-half-life`` reaches the activation-aware policies; a bad category is a clear error."""
+    import json
+
+    from tritonmoe.tools import bench_offload
+
+    t, _, cfg = traces
+    cats, counts = np.unique(t.category, return_counts=True)
+    a, b = cats[np.argsort(-counts)[:2]]
+    groups = bench_offload.shifted_groups(t, 2, 3, 2, f"{a},{b}")
+    assert [set(t.category[g]) for g in groups] == [{a}] * 3 + [{b}] * 2
+    assert all(len(set(g)) == 2 for g in groups)
+    out = tmp_path / "shift.json"
+    for half_life in ("0", "4"):
+        bench_offload.main(["--host-time", "--device", "cpu", "--shape", "dsv2lite", "--traces", str(t.path),
+                            "--new-tokens", "3", "--budgets", "25", "--batch", "2", "--warmup", "3", "--groups-bn",
+                            "2", "--shift", f"{a},{b}", "--frequency-half-life", half_life, "--policies",
+                            "auto+lookahead", "lru", "--eamc-capacity", "8", "--out", str(out)])
+        results = {r["policy"]: r for r in json.load(open(out))["results"]}
+        assert results["auto+lookahead"]["frequency_half_life"] == float(half_life)
+        assert results["lru"]["frequency_half_life"] == 64.0  # not an activation-aware policy: the default stays
+        assert all(r["decode_steps"] == 2 * 3 and r["shift"] == f"{a},{b}" for r in results.values())
+    with pytest.raises(ValueError, match="two of the trace's categories"):
+        bench_offload.shifted_groups(t, 2, 1, 1, "python,poetry")
+
+
 def test_synthetic_traces_have_the_shape_and_clusters_in_both_splits():
     from tritonmoe.tools.bench_offload import SyntheticTraces
 

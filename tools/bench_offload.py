@@ -281,7 +281,7 @@ def _per_layer(d: dict, steps: int) -> dict:
 
 
 def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, eamc_master: str, bench, model,
-                  modules, store, feed: Feed, device):
+                  modules, store, feed: Feed, device, frequency_half_life: float | None = None):
     """Offload ``model``'s experts under benchmark policy ``policy`` at ``budget`` %, its EAMC a fresh copy of the
     run's collection (each run starts from the same one) and its lookahead, if any, the replayed one. Returns the
     offloader and whether it looks ahead."""
@@ -291,7 +291,9 @@ def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, 
     cfg = OffloadConfig(cache_budget=f"{budget}%", eviction=eviction, prefetch=prefetch,
                         eviction_depth_factor=policy in DEPTH_FACTOR,
                         eviction_frequency_weight=0.0 if policy in NO_FREQUENCY_PRIOR else DEFAULT_FREQUENCY_WEIGHT,
-                        eamc_capacity=eamc_capacity, eamc_path=eamc_path)
+                        eamc_capacity=eamc_capacity, eamc_path=eamc_path,
+                        **({} if frequency_half_life is None or eviction not in ("activation", "auto") else
+                           {"eviction_frequency_half_life": frequency_half_life}))
     off = attach_offloading(model, cfg, device=device, host_store=store)
     lookahead = prefetch == "lookahead"
     if lookahead:
@@ -494,6 +496,22 @@ def groups_for(traces: Traces, batch: int, n_groups: int) -> list[list[int]]:
     if len(ev) < need:
         raise ValueError(f"{len(ev)} eval requests in the trace file; {n_groups} groups of {batch} need {need}")
     return [ev[i * batch:(i + 1) * batch] for i in range(n_groups)]
+
+
+def shifted_groups(traces: Traces, batch: int, before: int, after: int, shift: str, seed: int = 0) -> list[list[int]]:
+    """A request mix that shifts: ``before`` groups of ``batch`` requests drawn from category ``A`` then ``after``
+    from ``B`` (``shift`` = "A,B": the trace's categories, python / doc / man), any split, each group without
+    repeats. The benchmark counts only the groups after the shift (``--warmup`` = ``before``)."""
+    names = shift.split(",")
+    if len(names) != 2 or any(n not in set(traces.category.tolist()) for n in names):
+        raise ValueError(f"--shift wants two of the trace's categories {sorted(set(traces.category.tolist()))}, "
+                         f"as A,B; got {shift!r}")
+    rng = np.random.default_rng(seed)
+    pools = [np.flatnonzero(traces.category == n) for n in names]
+    if min(len(p) for p in pools) < batch:
+        raise ValueError(f"--shift: a category has fewer than {batch} requests")
+    return [[int(r) for r in rng.choice(pools[0 if i < before else 1], batch, replace=False)]
+            for i in range(before + after)]
 
 
 def min_moved(args, traces: Traces, groups: list[list[int]], num_slots: int) -> float:
@@ -953,18 +971,22 @@ def host_time(args, traces: Traces, log, save=lambda results: None) -> list[dict
 
     try:
         for batch in args.batch:
-            groups = groups_for(traces, batch, args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn))
+            n_groups = args.warmup + (args.groups_b1 if batch == 1 else args.groups_bn)
+            groups = (shifted_groups(traces, batch, args.warmup, n_groups - args.warmup, args.shift) if args.shift
+                      else groups_for(traces, batch, n_groups))
             for budget in (args.budgets if batch == 1 or not args.budgets_bn else args.budgets_bn):
                 for policy in [p for p in args.policies if p in POLICIES]:
                     off, lookahead = attach_policy(policy, budget, args.eamc_capacity,
                                                    os.path.join(tmp, f"eamc-{policy}-{batch}-{budget}.npy"),
-                                                   eamc_master, bench, model, modules, store, feed, device)
+                                                   eamc_master, bench, model, modules, store, feed, device,
+                                                   args.frequency_half_life)
                     off.set_prefetch_window(window)  # what the full-size experts get, not the tiny ones
                     r = _drive_offloader(off, modules, feed, traces, groups, args, lookahead, H, dtype, device)
                     off.close()
                     res = dict(shape=args.shape, layers=L, experts=E, top_k=k, hidden=H, policy=policy,
                                batch=batch, budget_pct=budget, num_slots=off.num_slots, eamc_entries=n_eamc,
-                               compute=args.compute, **r)
+                               compute=args.compute, shift=args.shift,
+                               frequency_half_life=off.config.eviction_frequency_half_life, **r)
                     res["moved_per_step"] = res["decode_misses_per_step"] + res["decode_prefetches_per_step"]
                     res["min_moved_per_step"] = min_moved(args, traces, groups, off.num_slots)
                     results.append(res)
@@ -1219,6 +1241,12 @@ def main(argv: list[str] | None = None) -> int:
                    "cache (as the serving engine runs them), and leave after --new-tokens; TPOT is then the mean "
                    "decode step at whatever batch it ran; 0 (default): the batch prefills together and decodes in "
                    "lockstep. With or without --host-time")
+    p.add_argument("--shift", metavar="A,B", default=None,
+                   help="--host-time: the request mix shifts -- --warmup groups drawn from trace category A (python, "
+                   "doc, man), then the measured groups from B")
+    p.add_argument("--frequency-half-life", type=float, default=None, metavar="FORWARDS",
+                   help="--host-time: expert_eviction_frequency_half_life of the activation-aware policies "
+                   "(default: the serving default; 0: never forget)")
     p.add_argument("--prediction", action="store_true", help="--host-time: instead, report how well the next "
                    "layer's experts are predicted by the EAMC, by popularity and by the request's own decode so far")
     a = p.parse_args(argv)

@@ -113,15 +113,19 @@ class ActivationAwareEviction:
     fetches, as LFU counts them) row-normalised: a long-run popularity prior beside the request-level prediction.
     Decisions replayed on learned routing: at ``w = 2`` batch 8 gains .02-.06 hit rate over both the prediction
     alone and LFU (the union of a batch's experts is where the EAMC guess is weakest), batch 1 moves by <= .005
-    (docs/offloading_log.md, "A frequency prior")."""
+    (docs/offloading_log.md, "A frequency prior"). ``frequency_half_life`` ``H`` > 0: a use counts ``0.5 ** (1 /
+    H)`` less with each later use of its layer, so the prior follows a shifting request mix instead of keeping
+    every use since the process began ("A frequency prior that forgets")."""
 
     EPS = 1e-6
     TABLES_KEPT = 128  # eviction tables kept with read-only predictions (each L x E float64)
     always_admits = False
 
-    def __init__(self, predictor, depth_weighted: bool = True, frequency_weight: float = 0.0):
+    def __init__(self, predictor, depth_weighted: bool = True, frequency_weight: float = 0.0,
+                 frequency_half_life: float = 0.0):
         self._predictor = predictor
         self.frequency_weight = frequency_weight
+        self._decay = 0.5 ** (1.0 / frequency_half_life) if frequency_half_life > 0 else 1.0
         self._uses = None  # [L, E] uses per expert, when frequency_weight > 0
         self._freq = None  # [L, E] each layer's row of _uses, normalised
         self._freq_changes = 0
@@ -140,6 +144,8 @@ class ActivationAwareEviction:
             self._uses = np.zeros(self._predictor.prediction.shape)
             self._freq = np.zeros_like(self._uses)
         row = self._uses[layer]
+        if self._decay != 1.0:
+            row *= self._decay  # the row is read normalised: only the older uses' share shrinks
         row[np.asarray(experts)] += 1  # distinct experts: no repeated index
         np.divide(row, row.sum(), out=self._freq[layer])
         self._freq_changes += 1
@@ -263,8 +269,8 @@ class BatchAwareEviction:
         return self.activation.admitted_above(layers, experts)  # asked only when not always_admits: batch mode
 
 
-def make_eviction_policy(name: str, predictor=None, depth_factor: bool = True,
-                         frequency_weight: float = 0.0) -> EvictionPolicy:
+def make_eviction_policy(name: str, predictor=None, depth_factor: bool = True, frequency_weight: float = 0.0,
+                         frequency_half_life: float = 0.0) -> EvictionPolicy:
     if name == "lru":
         return LRUEviction()
     if name == "lfu":
@@ -272,6 +278,7 @@ def make_eviction_policy(name: str, predictor=None, depth_factor: bool = True,
     if name in ("activation", "auto"):
         if predictor is None:
             raise ValueError("activation-aware eviction needs the activation predictor")
-        policy = ActivationAwareEviction(predictor, depth_weighted=depth_factor, frequency_weight=frequency_weight)
+        policy = ActivationAwareEviction(predictor, depth_weighted=depth_factor, frequency_weight=frequency_weight,
+                                         frequency_half_life=frequency_half_life)
         return policy if name == "activation" else BatchAwareEviction(policy)
     raise ValueError(f"unknown eviction policy {name!r}")

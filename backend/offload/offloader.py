@@ -74,7 +74,7 @@ class Offloader:
         self._stats = OffloadStats(num_layers)
         engine = make_copy_engine(device, self.num_slots, self._stats)
         eviction = make_eviction_policy(config.eviction, self.refined or self.predictor, config.eviction_depth_factor,
-                                        config.eviction_frequency_weight)
+                                        config.eviction_frequency_weight, config.eviction_frequency_half_life)
         self.cache = ExpertCache(store, self.num_slots, device, eviction, engine, self._stats)
         window = max(2, PREFETCH_WINDOW_BYTES // store.layout.slot_bytes)
         # a layer issues at most ~2 windows (one pump per round, one at its end) before the next replans
