@@ -267,9 +267,10 @@ def test_auto_eviction_is_lru_for_a_lone_decode_step_and_activation_otherwise():
     routing = clustered_routing(12, L, E, k, P + shape["decode"])
     routers = [TopKRouter(H, E, k, seed=10 + i) for i in range(L)]
 
-    def cfg(eviction):
+    def cfg(eviction):  # uses never forgotten (half-life 0), so that they can be counted below
         return OffloadConfig(cache_budget="25%", eviction=eviction, prefetch="lookahead", eamc_capacity=5,
-                             eamc_top_matches=2)
+                             eamc_top_matches=2,
+                             **({"eviction_frequency_half_life": 0.0} if eviction in ("auto", "activation") else {}))
 
     def run(eviction, groups):
         return drive(current, modules, store, routers, cfg(eviction), routing, groups, P, H, "none")
