@@ -43,7 +43,7 @@ import torch
 
 from tritonmoe.backend.offload import OffloadConfig, attach_offloading
 from tritonmoe.backend.offload import offloader as offloader_module
-from tritonmoe.backend.offload.config import DEFAULT_FREQUENCY_WEIGHT
+from tritonmoe.backend.offload.config import ACTIVATION_EVICTION, DEFAULT_FREQUENCY_WEIGHT
 from tritonmoe.backend.offload.eam import EAMCollection
 from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
@@ -292,7 +292,7 @@ def attach_policy(policy: str, budget: int, eamc_capacity: int, eamc_path: str, 
                         eviction_depth_factor=policy in DEPTH_FACTOR,
                         eviction_frequency_weight=0.0 if policy in NO_FREQUENCY_PRIOR else DEFAULT_FREQUENCY_WEIGHT,
                         eamc_capacity=eamc_capacity, eamc_path=eamc_path,
-                        **({} if frequency_half_life is None or eviction not in ("activation", "auto") else
+                        **({} if frequency_half_life is None or eviction not in ACTIVATION_EVICTION else
                            {"eviction_frequency_half_life": frequency_half_life}))
     off = attach_offloading(model, cfg, device=device, host_store=store)
     lookahead = prefetch == "lookahead"
@@ -370,6 +370,19 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
             "phase_stats": phase_stats, "wall_s": time.perf_counter() - wall}
 
 
+def forward_routing(traces: Traces, kind: str, rows) -> tuple[np.ndarray, np.ndarray]:
+    """The replayed routing of one forward of ``offload_oracle.schedule``: the experts ``[B, L, T, k]`` (int64; T:
+    the prompt for a ``"prefill"`` of requests ``rows``, the one token for a ``"decode"`` of ``(r, t)`` rows) and
+    what the lookahead picks -- over the prompts, counts ``[L - 1, E]`` (``Feed.set_lookahead_prefill``); at the
+    step, picks ``[B, L - 1, k]`` (``Feed.set_lookahead_step``)."""
+    P = traces.prompt_len
+    if kind == "prefill":
+        return (traces.experts[rows, :, :P].astype(np.int64),
+                traces.lookahead_prefill[rows].astype(np.int64).sum(axis=0))
+    return (np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)[:, :, None],
+            np.stack([traces.lookahead[r][:, t] for r, t in rows]))
+
+
 def run_continuous(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,
                    warmup: int, lookahead: bool, gap: int, warmup_tokens: int | None = None) -> dict:
     """:func:`run_requests` under continuous batching, as ``backend.engine`` runs it: a group's requests join one
@@ -405,11 +418,12 @@ def run_continuous(model, feed: Feed, traces: Traces, groups: list[list[int]], g
                 (r,) = rows
                 gen = torch.Generator(device=device).manual_seed(1000 * gi + r)
                 ids = torch.randint(0, vocab, (1, P), device=device, generator=gen)
-                feed.indices = [torch.as_tensor(traces.experts[r, l, :P].astype(np.int64), device=device)
-                                for l in range(L)]
+                routes, picks = forward_routing(traces, kind, rows)
+                routes_t = torch.as_tensor(routes[0], device=device)  # [L, P, k]
+                feed.indices = [routes_t[l] for l in range(L)]
                 feed.weights = torch.full((P, k), 1.0 / k, dtype=model.dtype, device=device)
                 if lookahead:
-                    feed.set_lookahead_prefill(traces.lookahead_prefill[r].astype(np.int64), device)
+                    feed.set_lookahead_prefill(picks, device)
                 cache = DynamicCache(config=model.config)
                 s0 = _snap(offloader)
                 if offloader is not None:
@@ -433,12 +447,12 @@ def run_continuous(model, feed: Feed, traces: Traces, groups: list[list[int]], g
                 continue
             assert [r for r, _ in rows] == running, "the schedule's decode rows are the running batch, in order"
             B = len(rows)
-            step = np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)  # [B, L, k]
-            step_t = torch.as_tensor(step, device=device)
-            feed.indices = [step_t[:, l] for l in range(L)]
+            routes, picks = forward_routing(traces, kind, rows)
+            routes_t = torch.as_tensor(routes[:, :, 0], device=device)  # [B, L, k]
+            feed.indices = [routes_t[:, l] for l in range(L)]
             feed.weights = torch.full((B, k), 1.0 / k, dtype=model.dtype, device=device)
             if lookahead:
-                feed.set_lookahead_step(np.stack([traces.lookahead[r][:, t] for r, t in rows]), device)
+                feed.set_lookahead_step(picks, device)
             mask, positions = batch.step_inputs(device)
             ids = torch.tensor([[nxt[r]] for r in running], device=device)
             s0 = _snap(offloader)
@@ -518,7 +532,7 @@ def min_moved(args, traces: Traces, groups: list[list[int]], num_slots: int) -> 
     """Experts Belady's MIN copies per decode step on this replay (``tools/offload_oracle``): no policy copies
     fewer. Once per batch and cache size (the policies of a run share it)."""
     return _min_moved(traces, tuple(map(tuple, groups)), args.new_tokens, args.warmup, args.warmup_tokens, num_slots,
-                      getattr(args, "arrival_gap", 0))
+                      args.arrival_gap)
 
 
 @functools.lru_cache(maxsize=64)
@@ -877,7 +891,8 @@ def plot_copies(results: list[dict], path: str) -> str:
             top.hlines(floor[0], j - 0.45, j + 0.45, colors="black", linewidth=2, label="MIN" if j == 0 else None)
     labels = [f"{shape} B{batch}\n{'continuous, gap ' + str(gap) if gap else 'lockstep'}\n{budget}%"
               for shape, batch, gap, budget in groups]
-    for ax, what in ((top, "experts copied per decode step (MIN: black)"), (bottom, "experts copied per request's prefill (a lockstep batch prefills its requests together)")):
+    for ax, what in ((top, "experts copied per decode step (MIN: black)"),
+                     (bottom, "experts copied per request's prefill (a lockstep batch's requests prefill together)")):
         ax.set_xticks(range(len(groups)), labels, fontsize=8)
         ax.set_title(what, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -1074,7 +1089,7 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
     host, wall, batch_sizes = [], [], []
     dec_stats = {key: 0 for key in _KEYS}
     prefill_moved, prefills = 0.0, 0
-    gap = getattr(args, "arrival_gap", 0)
+    gap = args.arrival_gap
     for gi, group in enumerate(groups):
         counted = gi >= args.warmup
         steps = args.new_tokens if counted or args.warmup_tokens is None else min(args.new_tokens,
@@ -1084,13 +1099,14 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
                 for r in rows:
                     off.end_sequence(f"g{gi}r{r}")
                 continue
+            routes, picks = forward_routing(traces, kind, rows)
+            routes = torch.as_tensor(routes, device=device)  # [B, L, T, k]
             if kind == "prefill":
                 B = len(rows)
                 s0 = _snap(off)
                 off.begin_forward([f"g{gi}r{r}" for r in rows], "prefill")
                 if lookahead:
-                    feed.set_lookahead_prefill(traces.lookahead_prefill[rows].astype(np.int64).sum(axis=0), device)
-                routes = torch.as_tensor(traces.experts[rows, :, :P].astype(np.int64), device=device)  # [B, L, P, k]
+                    feed.set_lookahead_prefill(picks, device)
                 x = torch.randn(B * P, hidden, generator=gen, device=device, dtype=dtype)
                 w = torch.full((B * P, k), 1.0 / k, dtype=dtype, device=device)
                 for layer in range(L):
@@ -1103,16 +1119,14 @@ def _drive_offloader(off, modules, feed: Feed, traces: Traces, groups, args, loo
             B = len(rows)
             ids = [r for r, _ in rows]
             if lookahead:
-                feed.set_lookahead_step(np.stack([traces.lookahead[r][:, t] for r, t in rows]), device)
-            routes = torch.as_tensor(np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64),
-                                     device=device)  # [B, L, k]
+                feed.set_lookahead_step(picks, device)
             w = torch.full((B, k), 1.0 / k, dtype=dtype, device=device)
             x = torch.randn(B, hidden, generator=gen, device=device, dtype=dtype)
             s0 = _snap(off)
             ts = time.perf_counter()
             off.begin_forward([f"g{gi}r{r}" for r in ids], "decode")
             for layer in range(L):
-                off.run_experts(layer, modules[layer], x, routes[:, layer], w)
+                off.run_experts(layer, modules[layer], x, routes[:, layer, 0], w)
             _sync(device)
             te = time.perf_counter()
             d = _delta(s0, _snap(off))
@@ -1256,6 +1270,8 @@ def main(argv: list[str] | None = None) -> int:
         return merge(a.merge, a.out, a.plot_prefix)
     if a.host_time:
         return main_host_time(a, argv)
+    if a.shift or a.frequency_half_life is not None:
+        raise SystemExit("--shift and --frequency-half-life apply to --host-time only")
     if not a.shape or len(a.shape) != len(a.traces or []):
         raise SystemExit("give one --traces per --shape")
     device = torch.device(a.device)

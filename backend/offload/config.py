@@ -101,19 +101,14 @@ class OffloadConfig:
         if self.eviction_depth_factor and self.eviction not in ACTIVATION_EVICTION:
             raise ValueError(f"expert_eviction_depth_factor applies to expert_eviction 'activation' and 'auto' only, "
                              f"not {self.eviction!r}")
-        if not (self.eviction_frequency_weight >= 0 and math.isfinite(self.eviction_frequency_weight)):
-            raise ValueError(f"eviction_frequency_weight must be a finite number >= 0, got "
-                             f"{self.eviction_frequency_weight!r}")
-        if self.eviction_frequency_weight != DEFAULT_FREQUENCY_WEIGHT and self.eviction not in ACTIVATION_EVICTION:
-            raise ValueError(f"expert_eviction_frequency_weight applies to expert_eviction 'activation' and 'auto' "
-                             f"only, not {self.eviction!r}")
-        if not (self.eviction_frequency_half_life >= 0 and math.isfinite(self.eviction_frequency_half_life)):
-            raise ValueError(f"eviction_frequency_half_life must be a finite number >= 0 (0: never forget), got "
-                             f"{self.eviction_frequency_half_life!r}")
-        if (self.eviction_frequency_half_life != DEFAULT_FREQUENCY_HALF_LIFE
-                and self.eviction not in ACTIVATION_EVICTION):
-            raise ValueError(f"expert_eviction_frequency_half_life applies to expert_eviction 'activation' and "
-                             f"'auto' only, not {self.eviction!r}")
+        for name, default in (("eviction_frequency_weight", DEFAULT_FREQUENCY_WEIGHT),
+                              ("eviction_frequency_half_life", DEFAULT_FREQUENCY_HALF_LIFE)):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value != default and self.eviction not in ACTIVATION_EVICTION:
+                raise ValueError(f"expert_{name} applies to expert_eviction 'activation' and 'auto' only, not "
+                                 f"{self.eviction!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}, got {self.prefetch!r}")
         if self.eamc_capacity < 1:

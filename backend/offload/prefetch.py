@@ -63,8 +63,8 @@ class ActivationPrefetch:
 class RouterLookaheadPrefetch:
     """Apply the next MoE layer's router to this layer's hidden states and prefetch what it picks, most-picked
     first. ``routers[i]`` is MoE layer ``i``'s router module, returning ``(..., top_k_index)``. With LRU eviction
-    this is the issue's router-lookahead baseline; with activation-aware eviction (the default's batch mode) the picks also
-    ``refine`` the prediction that eviction reads."""
+    this is the issue's router-lookahead baseline; with activation-aware eviction (the default's batch mode) the
+    picks also ``refine`` the prediction that eviction reads."""
 
     def __init__(self, routers: list[torch.nn.Module], num_experts: int,
                  refined: "LookaheadRefinedPrediction | None" = None):
