@@ -122,6 +122,20 @@ def test_replay_sequence_is_the_benchmarks_order():
     np.testing.assert_array_equal(seq.cells[-1], np.unique(t.experts[[2, 3], 2, 5 + 3]) + 16)
 
 
+def test_replay_sequence_of_uint8_traces_keeps_ids_past_255():
+    """Trace files store expert ids as uint8; a cell id is ``layer * E + expert``, past 255 from the fifth layer of
+    64 experts. Under numpy 2's promotion a uint8 array plus a Python int stays uint8 and overflows (found on the
+    H200, whose numpy is 2.5): the cells must be int64 whatever numpy promotes to."""
+    from tritonmoe.tools.bench_offload import SyntheticTraces
+
+    t = SyntheticTraces(layers=6, num_experts=64, top_k=2, requests=4, prompt_len=5, gen_len=3)
+    t.experts = t.experts.astype(np.uint8)
+    seq = replay_sequence(t, [[0, 1]], new_tokens=3, warmup=0, warmup_tokens=None)
+    assert all(c.dtype == np.int64 for c in seq.cells)
+    np.testing.assert_array_equal(seq.cells[5], np.unique(t.experts[[0, 1], 5, :5]).astype(np.int64) + 5 * 64)
+    np.testing.assert_array_equal(seq.cells[-1], np.unique(t.experts[[0, 1], 5, 5 + 2]).astype(np.int64) + 5 * 64)
+
+
 def test_cli_reports_min_above_lru_and_a_transfer_floor(tmp_path, capsys):
     import json
 

@@ -87,12 +87,13 @@ def replay_sequence(traces: Traces, groups: list[list[int]], new_tokens: int, wa
         steps = new_tokens if measured or warmup_tokens is None else min(new_tokens, warmup_tokens)
         for kind, rows in schedule(group, steps, gap):
             if kind == "prefill":
-                routes = traces.experts[rows]  # [B, L, T, k]
+                # [B, L, T, k]; stored as uint8, where layer * E + id would overflow
+                routes = traces.experts[rows].astype(np.int64)
                 for layer in range(L):
                     cells.append(np.unique(routes[:, layer, :P]) + layer * E)
                     counted.append(False)
             elif kind == "decode":
-                step = np.stack([traces.experts[r, :, P + t] for r, t in rows])  # [B, L, k]
+                step = np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)  # [B, L, k]
                 for layer in range(L):
                     cells.append(np.unique(step[:, layer]) + layer * E)
                     counted.append(measured)
