@@ -200,7 +200,7 @@ def test_lookahead_refined_prediction_replaces_only_the_next_layer_row():
     assert refined.prediction is p.prediction  # nothing refined yet: the predictor's own array
     before = eviction.table().copy()
 
-    refined.refine(1, np.array([0, 0, 3, 1]))  # a bincount: shorter than E when the top experts go unpicked
+    refined.refine(1, np.array([0, 0, 3, 1, 0]))  # the lookahead's counts per expert of layer 1
     got = refined.prediction
     assert np.allclose(got[1], [0, 0, .75, .25, 0])
     assert np.array_equal(np.delete(got, 1, axis=0), np.delete(base, 1, axis=0))

@@ -49,7 +49,7 @@ from tritonmoe.backend.offload.experts_forward import HANDLE_ATTR
 from tritonmoe.backend.offload.host_store import HostExpertStore
 from tritonmoe.backend.offload.layout import ExpertLayout
 from tritonmoe.backend.offload.stats import FIELDS, rates
-from tritonmoe.tools.offload_oracle import min_moved_per_step, schedule
+from tritonmoe.tools.offload_oracle import forward_experts, min_moved_per_step, schedule
 from tritonmoe.tools.train_routing import Traces
 
 POLICIES = {  # name -> (eviction, prefetch); the paper's rows keep its depth factor (DEPTH_FACTOR)
@@ -371,16 +371,12 @@ def run_requests(model, feed: Feed, traces: Traces, groups: list[list[int]], gen
 
 
 def forward_routing(traces: Traces, kind: str, rows) -> tuple[np.ndarray, np.ndarray]:
-    """The replayed routing of one forward of ``offload_oracle.schedule``: the experts ``[B, L, T, k]`` (int64; T:
-    the prompt for a ``"prefill"`` of requests ``rows``, the one token for a ``"decode"`` of ``(r, t)`` rows) and
-    what the lookahead picks -- over the prompts, counts ``[L - 1, E]`` (``Feed.set_lookahead_prefill``); at the
-    step, picks ``[B, L - 1, k]`` (``Feed.set_lookahead_step``)."""
-    P = traces.prompt_len
+    """The replayed routing of one forward of ``offload_oracle.schedule``: its experts
+    (``offload_oracle.forward_experts``) and what the lookahead picks -- over the prompts, counts ``[L - 1, E]``
+    (``Feed.set_lookahead_prefill``); at the step, picks ``[B, L - 1, k]`` (``Feed.set_lookahead_step``)."""
     if kind == "prefill":
-        return (traces.experts[rows, :, :P].astype(np.int64),
-                traces.lookahead_prefill[rows].astype(np.int64).sum(axis=0))
-    return (np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)[:, :, None],
-            np.stack([traces.lookahead[r][:, t] for r, t in rows]))
+        return forward_experts(traces, kind, rows), traces.lookahead_prefill[rows].astype(np.int64).sum(axis=0)
+    return forward_experts(traces, kind, rows), np.stack([traces.lookahead[r][:, t] for r, t in rows])
 
 
 def run_continuous(model, feed: Feed, traces: Traces, groups: list[list[int]], gen_len: int, device, offloader,

@@ -75,28 +75,33 @@ def schedule(group: list[int], steps: int, gap: int):
         step += 1
 
 
+def forward_experts(traces: Traces, kind: str, rows) -> np.ndarray:
+    """The replayed experts ``[B, L, T, k]`` of one forward of :func:`schedule`: T the prompt for a ``"prefill"``
+    of requests ``rows``, the one token for a ``"decode"`` of ``(r, t)`` rows. int64: trace files store ids as
+    uint8, where ``layer * E + id`` would overflow."""
+    P = traces.prompt_len
+    if kind == "prefill":
+        return traces.experts[rows, :, :P].astype(np.int64)
+    return np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)[:, :, None]
+
+
 def replay_sequence(traces: Traces, groups: list[list[int]], new_tokens: int, warmup: int,
                     warmup_tokens: int | None, gap: int = 0) -> Sequence:
     """What the benchmark's replay asks of the cache, forward by forward as :func:`schedule` orders them (``gap``
     0: each group's prefill, every layer the union over its prompts, then its decode steps, the union over its
     sequences); warm-up groups run ``warmup_tokens`` steps and are not counted."""
-    L, E, P = traces.layers, traces.num_experts, traces.prompt_len
+    L, E = traces.layers, traces.num_experts
     cells, counted = [], []
     for gi, group in enumerate(groups):
         measured = gi >= warmup
         steps = new_tokens if measured or warmup_tokens is None else min(new_tokens, warmup_tokens)
         for kind, rows in schedule(group, steps, gap):
-            if kind == "prefill":
-                # [B, L, T, k]; stored as uint8, where layer * E + id would overflow
-                routes = traces.experts[rows].astype(np.int64)
-                for layer in range(L):
-                    cells.append(np.unique(routes[:, layer, :P]) + layer * E)
-                    counted.append(False)
-            elif kind == "decode":
-                step = np.stack([traces.experts[r, :, P + t] for r, t in rows]).astype(np.int64)  # [B, L, k]
-                for layer in range(L):
-                    cells.append(np.unique(step[:, layer]) + layer * E)
-                    counted.append(measured)
+            if kind == "end":
+                continue
+            routes = forward_experts(traces, kind, rows)  # [B, L, T, k]
+            for layer in range(L):
+                cells.append(np.unique(routes[:, layer]) + layer * E)
+                counted.append(measured and kind == "decode")
     return Sequence(cells, counted, L * E)
 
 

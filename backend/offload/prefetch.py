@@ -137,8 +137,7 @@ class LookaheadRefinedPrediction:
         if self._made is None or self._made[0] != key:
             refined = base.copy()
             layer, row = self._row
-            refined[layer] = 0  # (picks counted by a bincount stop at the highest expert picked)
-            refined[layer, :len(row)] = row
+            refined[layer] = row
             self._made = (key, refined)
         return self._made[1]
 
